@@ -1,0 +1,27 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vit.datasets import make_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["--dim", "32", "--depth", "1", "--heads", "2", "--mlp-dim", "64", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """4 shape classes x 12 images of 16 px: enough to run every stage in seconds."""
+    return make_shapes(
+        tmp_path_factory.mktemp("shapes") / "data",
+        per_class=12,
+        size=16,
+        seed=0,
+        classes=("circle", "cross", "square", "triangle"),
+    )
+
+
+@pytest.fixture
+def shapes_copy(shapes_dir, tmp_path) -> Path:
+    """A copy the test may damage."""
+    return Path(shutil.copytree(shapes_dir, tmp_path / "data"))

@@ -1,0 +1,118 @@
+"""Decode any image one way, and preprocess it for evaluation, with PIL and numpy only.
+
+This module imports no torch, so the ONNX runtime and the app share it with training:
+an image is decoded and preprocessed identically wherever it is classified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+
+IMAGE_EXTENSIONS = {
+    ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG",
+    ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".dib": "BMP",
+    ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM",
+    ".tga": "TGA", ".ico": "ICO",
+}  # fmt: skip
+FORMAT_ALIASES = {"JPEG": {"JPEG", "MPO"}}  # camera JPEGs with a preview image decode as MPO
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold: 0.25 GiB of 24-bit pixels
+INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                 "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # fmt: skip
+
+
+class BadImage(ValueError):
+    """An input that is not a usable image; the message says why, for a person."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: transparency over white, 16-bit scaled, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and a.max(initial=0) <= 1.0:
+            top = 1.0
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, check_extension: bool = True) -> Image.Image:
+    """Decode a file path, file object or PIL image into an upright 8-bit RGB image.
+
+    EXIF orientation is applied, animations give their first frame, and files that are
+    empty, truncated, corrupt, over ``max_pixels`` or not what their extension says raise
+    ``BadImage`` with a sentence that says why.
+    """
+    name = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = path.name
+        if not path.is_file():
+            raise BadImage(f"{name}: not a file")
+        if path.stat().st_size == 0:
+            raise BadImage(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = source if isinstance(source, Image.Image) else Image.open(source)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(f"{name or 'image'}: {w}x{h} pixels is over the limit of {max_pixels:,}")
+            if check_extension and name is not None:
+                expected = IMAGE_EXTENSIONS.get(Path(name).suffix.lower())
+                if expected is None:
+                    raise BadImage(f"{name}: not an image file extension")
+                if img.format and img.format not in FORMAT_ALIASES.get(expected, {expected}):
+                    raise BadImage(f"{name}: content is {img.format} but the extension says {expected}")
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animated: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{name or 'image'}: too many pixels ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage(f"{name or 'input'}: not an image, or a format this reader does not know") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"{name or 'image'}: corrupt or truncated ({e})") from None
+
+
+def resize_for_eval(img: Image.Image, size: tuple[int, int], crop_pct: float, interpolation: str) -> Image.Image:
+    """Resize the shorter side to size / crop_pct, then take the centre (H, W) crop."""
+    H, W = size
+    scale_h, scale_w = H / crop_pct, W / crop_pct
+    w, h = img.size
+    s = max(scale_h / h, scale_w / w)  # cover the (H, W) / crop_pct box, keeping aspect
+    new_w, new_h = max(W, round(w * s)), max(H, round(h * s))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), INTERPOLATION[interpolation])
+    left, top = (new_w - W) // 2, (new_h - H) // 2
+    return img.crop((left, top, left + W, top + H))
+
+
+def preprocess(
+    img: Image.Image,
+    size: tuple[int, int],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """The evaluation transform: RGB image -> float32 array (3, H, W), normalised."""
+    img = resize_for_eval(to_rgb(img), tuple(size), crop_pct, interpolation)
+    x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # -> (3, H, W)
