@@ -6,6 +6,7 @@ an image is decoded and preprocessed identically wherever it is classified.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -91,15 +92,25 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, check_extension: bo
 
 
 def resize_for_eval(img: Image.Image, size: tuple[int, int], crop_pct: float, interpolation: str) -> Image.Image:
-    """Resize the shorter side to size / crop_pct, then take the centre (H, W) crop."""
+    """timm's evaluation resize and centre crop, with torchvision's rounding, on PIL.
+
+    Square inputs: the shorter side goes to floor(size / crop_pct), the longer one keeps
+    the aspect ratio (truncated); other inputs are resized to (H, W) / crop_pct. Then the
+    centre (H, W) crop is taken.
+    """
     H, W = size
-    scale_h, scale_w = H / crop_pct, W / crop_pct
     w, h = img.size
-    s = max(scale_h / h, scale_w / w)  # cover the (H, W) / crop_pct box, keeping aspect
-    new_w, new_h = max(W, round(w * s)), max(H, round(h * s))
+    if H == W:
+        short = math.floor(H / crop_pct)
+        if w <= h:
+            new_w, new_h = short, int(short * h / w)
+        else:
+            new_w, new_h = int(short * w / h), short
+    else:
+        new_w, new_h = math.floor(W / crop_pct), math.floor(H / crop_pct)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), INTERPOLATION[interpolation])
-    left, top = (new_w - W) // 2, (new_h - H) // 2
+    top, left = int(round((new_h - H) / 2.0)), int(round((new_w - W) / 2.0))
     return img.crop((left, top, left + W, top + H))
 
 

@@ -1,0 +1,256 @@
+"""A web page that classifies images with an exported ViT: onnxruntime only, no torch.
+
+    python app.py                                  # the bundled demo model
+    python app.py --model model.onnx --port 7860   # your own (MODEL_PATH works too)
+
+Four parts: load the model, preprocess (vit.runtime, shared with training), predict, UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from vit.imageio import BadImage, open_image
+from vit.runtime import Classifier, ModelFileError, overlay, usable_cpus
+
+HERE = Path(__file__).resolve().parent
+ASSETS = HERE / "assets"
+DEFAULT_MODEL = ASSETS / "model.onnx"
+EXAMPLES = ASSETS / "examples"
+MAX_UPLOAD_MB = 10
+MAX_PIXELS = 40_000_000  # decoded pixels per image; bigger uploads are refused, not decoded
+MAX_BATCH = 64
+
+
+# --------------------------------------------------------------------------------------
+# 1. Load the model (once, at start-up; Classifier warms the session up)
+# --------------------------------------------------------------------------------------
+
+
+def load_model(path: str | os.PathLike) -> Classifier:
+    return Classifier(path)
+
+
+# --------------------------------------------------------------------------------------
+# 2. Preprocess: decoding and checks live in vit.imageio, resizing in vit.runtime
+# --------------------------------------------------------------------------------------
+
+
+def read_upload(image, max_bytes: int, max_pixels: int) -> Image.Image:
+    """An uploaded file path (or PIL image, or sketch) -> upright RGB, or a gr.Error a person understands."""
+    if isinstance(image, dict):  # the drawing canvas: its flattened picture
+        image = image.get("composite")
+    if image is None:
+        raise gr.Error("No image yet: upload one, take a photo, paste one or draw a shape.")
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if isinstance(image, (str, Path)):
+        size = os.path.getsize(image) if os.path.exists(image) else 0
+        if size > max_bytes:
+            raise gr.Error(f"That file is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
+    try:
+        return open_image(image, max_pixels=max_pixels, check_extension=False)
+    except BadImage as e:
+        reason = str(e).split(": ", 1)[-1]
+        raise gr.Error(f"Could not use this file as an image: {reason}.") from None
+
+
+class UploadPath(gr.Image):
+    """gr.Image that hands the raw upload path to ``predict``, so decoding (and every
+    safety check on it) happens in one place, ``vit.imageio.open_image``."""
+
+    def preprocess(self, payload):
+        if payload is not None and payload.path is not None:
+            return payload.path
+        return super().preprocess(payload)
+
+
+# --------------------------------------------------------------------------------------
+# 3. Predict
+# --------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """The app's functions, plain enough for tests to call directly."""
+
+    def __init__(self, clf: Classifier, max_bytes: int = MAX_UPLOAD_MB * 2**20, max_pixels: int = MAX_PIXELS):
+        self.clf, self.max_bytes, self.max_pixels = clf, max_bytes, max_pixels
+
+    def predict(self, image):
+        """One image -> ({label: probability}, attention overlay, a note with time and certainty)."""
+        img = read_upload(image, self.max_bytes, self.max_pixels)
+        t0 = time.perf_counter()
+        pred = self.clf.predict(img, top_k=min(5, len(self.clf.labels)))
+        ms = (time.perf_counter() - t0) * 1000
+        c = self.clf
+        heat = (
+            overlay(img, pred.attention, c.image_size, c.crop_pct, c.interpolation)
+            if pred.attention is not None
+            else None
+        )
+        top_label, top_p = pred.top_k[0]
+        if pred.sure:
+            note = f"**{top_label}** ({top_p:.0%}) in {ms:.0f} ms."
+        else:
+            note = (
+                f"**Not sure.** The best guess is {top_label} at {top_p:.0%}, below this model's threshold of "
+                f"{c.threshold:.0%}; the image may show none of its classes ({', '.join(c.labels)}). {ms:.0f} ms."
+            )
+        return {label: p for label, p in pred.top_k}, heat, note
+
+    def predict_batch(self, paths):
+        """Several files -> a table (one row per file) and the same table as a CSV file."""
+        if not paths:
+            raise gr.Error("Choose one or more image files first.")
+        if len(paths) > MAX_BATCH:
+            raise gr.Error(f"{len(paths)} files: at most {MAX_BATCH} at a time, please.")
+        rows = []
+        for p in paths:
+            path = p if isinstance(p, (str, Path)) else getattr(p, "name", str(p))
+            name = Path(path).name
+            try:
+                pred = self.clf.predict(read_upload(path, self.max_bytes, self.max_pixels), top_k=2)
+            except gr.Error as e:
+                rows.append([name, "", "", "", f"error: {e.message}"])
+                continue
+            (l1, p1), (l2, p2) = pred.top_k[0], (pred.top_k[1] if len(pred.top_k) > 1 else ("", 0.0))
+            rows.append([name, l1, round(p1, 4), f"{l2} ({p2:.0%})", "" if pred.sure else "not sure"])
+        header = ["file", "label", "probability", "runner-up", "note"]
+        fd, csv_path = tempfile.mkstemp(prefix="predictions-", suffix=".csv")
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        return gr.Dataframe(value=rows, headers=header), csv_path
+
+
+# --------------------------------------------------------------------------------------
+# 4. UI
+# --------------------------------------------------------------------------------------
+
+
+def model_facts(clf: Classifier) -> str:
+    i = clf.info()
+    acc = f"{float(i['val_accuracy']):.1%}" if i.get("val_accuracy") else "not recorded"
+    return (
+        f"**Classes ({len(i['labels'])}):** {', '.join(i['labels'])}  \n"
+        f"**Input:** {i['image_size'][0]}x{i['image_size'][1]} px · **Validation accuracy:** {acc} · "
+        f'**"Not sure" below:** {clf.threshold:.0%} · **Weights:** {i["quantization"]}  \n'
+        f"**File:** {clf.path.name}, exported {i.get('exported_at') or '?'}"
+    )
+
+
+def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_mb: float = MAX_UPLOAD_MB) -> gr.Blocks:
+    app = Predictor(clf, max_bytes=int(max_upload_mb * 2**20))
+    canvas = clf.metadata.get("canvas") == "true"
+    with gr.Blocks(title="ViT image classifier") as demo:
+        gr.Markdown(
+            "# ViT image classifier\nUpload, photograph or paste an image and see what the model thinks "
+            "and where it looked."
+        )
+        with gr.Tab("Image"):
+            with gr.Row():
+                with gr.Column():
+                    image = UploadPath(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image")
+                    go = gr.Button("Classify", variant="primary")
+                with gr.Column():
+                    label = gr.Label(num_top_classes=5, label="Prediction")
+                    note = gr.Markdown()
+                    heat = gr.Image(label="Where it looked (attention rollout)", interactive=False, format="png")
+            outputs = [label, heat, note]
+            go.click(app.predict, image, outputs, api_name="predict")
+            image.upload(app.predict, image, outputs, api_name=False)
+            if examples_dir is not None and examples_dir.is_dir():
+                files = sorted(str(p) for p in examples_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+                if files:
+                    gr.Examples(
+                        files,
+                        inputs=image,
+                        outputs=outputs,
+                        fn=app.predict,
+                        run_on_click=True,
+                        cache_examples=False,
+                        label="Examples (click one)",
+                    )
+        if canvas:
+            with gr.Tab("Draw"):
+                with gr.Row():
+                    with gr.Column():
+                        sketch = gr.Sketchpad(label="Draw a shape", type="numpy", canvas_size=(320, 320))
+                        draw_go = gr.Button("Classify drawing", variant="primary")
+                    with gr.Column():
+                        d_label, d_note = gr.Label(num_top_classes=5, label="Prediction"), gr.Markdown()
+                        d_heat = gr.Image(label="Where it looked", interactive=False, format="png")
+                draw_go.click(app.predict, sketch, [d_label, d_heat, d_note], api_name="predict_drawing")
+        with gr.Tab("Many images"):
+            batch = gr.File(file_count="multiple", file_types=["image"], label="Images")
+            batch_go = gr.Button("Classify all", variant="primary")
+            table = gr.Dataframe(headers=["file", "label", "probability", "runner-up", "note"], interactive=False)
+            csv_out = gr.File(label="Download as CSV")
+            batch_go.click(app.predict_batch, batch, [table, csv_out], api_name="predict_batch")
+        with gr.Accordion("About this model", open=False):
+            gr.Markdown(model_facts(clf))
+    # One request per CPU at a time, a bounded waiting line: the session runs on every CPU.
+    demo.queue(default_concurrency_limit=max(1, usable_cpus() // 2), max_size=256)
+    return demo
+
+
+def default_host() -> str:
+    """127.0.0.1 unless told otherwise; a Space (SPACE_ID is set there) must listen on 0.0.0.0."""
+    if os.environ.get("GRADIO_SERVER_NAME"):
+        return os.environ["GRADIO_SERVER_NAME"]
+    return "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python app.py",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=os.environ.get("MODEL_PATH", str(DEFAULT_MODEL)),
+        help="ONNX file made by `python -m export` (env MODEL_PATH; default: the bundled demo model)",
+    )
+    p.add_argument(
+        "--host",
+        default=default_host(),
+        help="address to listen on (default 127.0.0.1, this machine only; on a Hugging Face Space 0.0.0.0)",
+    )
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB)
+    a = p.parse_args(argv)
+    try:
+        clf = load_model(a.model)
+    except ModelFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo = build_ui(clf, max_upload_mb=a.max_upload_mb)
+    print(f"Serving {clf.path.name} ({len(clf.labels)} classes) at http://{a.host}:{a.port}", flush=True)
+    demo.launch(
+        server_name=a.host,
+        server_port=a.port,
+        max_file_size=f"{a.max_upload_mb:g}mb",
+        show_error=True,
+        allowed_paths=[str(EXAMPLES)],
+        blocked_paths=[str(Path(a.model).resolve())],
+        share=False,
+        footer_links=["api"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

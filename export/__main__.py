@@ -1,0 +1,41 @@
+"""python -m export RUN_DIR --out model.onnx [--int8] [--no-attention]
+python -m export space RUN_DIR_or_model.onnx --out DIR"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "space":
+        from export.space import main as space_main
+
+        return space_main(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        allow_abbrev=False,
+        description=(
+            "Export a training run to one ONNX file with labels and preprocessing inside, verified against PyTorch. "
+            "`python -m export space SRC --out DIR` builds a Hugging Face Space folder instead."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, help="a run folder made by train.py")
+    p.add_argument("--out", type=Path, default=None, help="output .onnx path (default RUN_DIR/model.onnx)")
+    p.add_argument("--int8", action="store_true", help="also write an int8 copy, if it passes the accuracy gate")
+    p.add_argument("--no-attention", action="store_true", help="logits only: no attention-map output")
+    a = p.parse_args(argv)
+    from export.onnx_export import ExportError, export_run
+
+    try:
+        export_run(a.run_dir, a.out or a.run_dir / "model.onnx", attention=not a.no_attention, int8=a.int8)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

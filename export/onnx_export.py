@@ -1,0 +1,301 @@
+"""A training run -> one verified, self-describing ONNX file (and an optional int8 twin).
+
+Exporter: ``torch.onnx.export(..., dynamo=True)``. It traces with ``torch.export``,
+which is the exporter PyTorch maintains today (the TorchScript-based one is deprecated),
+expresses the dynamic batch axis as a checked symbolic shape instead of a hint, and
+emits current opsets. The tests export, check and run every file it writes.
+
+Nothing is written unless it passed: the file is built in memory, checked by
+``onnx.checker`` (full check), run by onnxruntime at the optimisation level the app uses
+on images of the run's validation split and compared with PyTorch (max |Δ logits| and
+top-1), and only then moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from vit import files
+from vit.model import ViT, ViTConfig
+
+OPSET = 18
+MAX_ABS_LOGIT_DIFF = 1e-4
+INT8_MIN_AGREEMENT = 0.99
+INT8_MAX_ACC_DROP = 0.005
+
+
+class ExportError(RuntimeError):
+    """The export did not pass a check; nothing was written."""
+
+
+class Exportable(nn.Module):
+    """Logits and, optionally, an attention map per image.
+
+    The map is attention rollout (Abnar & Zuidema 2020): each block's head-averaged
+    attention, mixed half-and-half with the identity for the residual path, chained from
+    the last block down to the input. For a class-token model it is the class token's row,
+    i.e. how much each patch contributed to the prediction; without a class token, the
+    mean row. Shape (B, Gh, Gw), scaled so each map's maximum is 1.
+    """
+
+    def __init__(self, model: ViT, attention: bool = True):
+        super().__init__()
+        self.model, self.attention = model.eval(), attention
+
+    def forward(self, pixel_values: torch.Tensor):
+        if not self.attention:
+            return self.model(pixel_values)
+        logits, attns = self.model.forward_with_attention(pixel_values)
+        cfg = self.model.config
+        v = None  # (B, 1, N): the rolled-out row, built from the last block down
+        for a in reversed(attns):
+            a = a.mean(1)  # (B, h, Nq, N) -> (B, Nq, N)
+            n = a.shape[-1]
+            eye = torch.eye(n, dtype=a.dtype, device=a.device)[: a.shape[1]]  # (Nq, N)
+            a = 0.5 * a + 0.5 * eye
+            a = a / a.sum(-1, keepdim=True)
+            if v is None:
+                v = a[:, :1] if cfg.class_token else a.mean(1, keepdim=True)
+            else:
+                v = v @ a  # (B, 1, N) @ (B, N, N)
+        grid = v[:, 0, cfg.num_prefix_tokens :].reshape(-1, *cfg.grid_size)  # (B, Gh, Gw)
+        grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+        return logits, grid
+
+
+def to_onnx(model: ViT, attention: bool = True) -> onnx.ModelProto:
+    """Trace ``model`` (eval mode, fp32) to ONNX with a dynamic batch axis."""
+    wrapper = Exportable(model.float().eval(), attention)
+    x = torch.randn(2, model.config.in_chans, *model.config.image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    names = ["logits", "attention"] if attention else ["logits"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper,
+            (x,),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=names,
+            dynamic_shapes={"pixel_values": {0: batch}},
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
+    existing = {p.key: p for p in proto.metadata_props}
+    for k, v in meta.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            proto.metadata_props.add(key=k, value=v)
+
+
+def run_metadata(run_dir: Path, run: dict, weights: Path, attention: bool, threshold: float) -> dict[str, str]:
+    """Everything a reader of the file needs, as strings (JSON where structured)."""
+    p = run["preprocessing"]
+    result = run.get("result", {})
+    return {
+        "labels": json.dumps(run["labels"]),
+        "image_size": json.dumps(p["image_size"]),
+        "mean": json.dumps(p["mean"]),
+        "std": json.dumps(p["std"]),
+        "interpolation": p["interpolation"],
+        "crop_pct": str(p["crop_pct"]),
+        "model_config": json.dumps(run["model"]),
+        "val_accuracy": str(result.get("val_acc", "")),
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "attention_output": str(attention).lower(),
+        "threshold": f"{threshold:.4f}",
+        "threshold_rule": "5th percentile of the top probability on correctly classified validation images",
+        "quantization": "none",
+        "producer": "vit-app export",
+        "input": "pixel_values: float32 (batch, 3, H, W), RGB, resized, centre-cropped and normalised as above",
+    }
+
+
+def ort_session(proto_or_path, threads: int | None = None):
+    import onnxruntime as ort
+
+    from vit.runtime import usable_cpus
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what the app uses
+    opts.intra_op_num_threads = threads or usable_cpus()
+    src = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate(
+        [session.run(["logits"], {"pixel_values": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
+
+
+@torch.no_grad()
+def torch_logits(model: ViT, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
+
+
+def verify(proto: onnx.ModelProto, model: ViT, x: np.ndarray, with_attention: bool) -> dict:
+    """Check the file and compare it with PyTorch; raise ExportError on any failure."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejected the model: {e}") from None
+    sess = ort_session(proto)
+    ref, got = torch_logits(model, x), ort_logits(sess, x)
+    diff = float(np.abs(ref - got).max())
+    agree = float((ref.argmax(1) == got.argmax(1)).mean())
+    if diff > MAX_ABS_LOGIT_DIFF or agree < 1.0:
+        raise ExportError(
+            f"onnxruntime and PyTorch disagree: max |Δ logits| {diff:.2e} (limit "
+            f"{MAX_ABS_LOGIT_DIFF:.0e}), top-1 agreement {agree:.2%} (must be 100%)"
+        )
+    for b in (1, 3, 8):  # the dynamic batch axis really works
+        xb = np.resize(x, (b, *x.shape[1:])).astype(np.float32)
+        outs = sess.run(None, {"pixel_values": xb})
+        if outs[0].shape != (b, model.config.num_classes):
+            raise ExportError(f"batch {b}: logits shape {outs[0].shape}")
+        if with_attention and outs[1].shape != (b, *model.config.grid_size):
+            raise ExportError(f"batch {b}: attention shape {outs[1].shape}")
+        d = float(np.abs(outs[0] - torch_logits(model, xb)).max())
+        if d > MAX_ABS_LOGIT_DIFF:
+            raise ExportError(f"batch {b}: max |Δ logits| {d:.2e}")
+    return dict(max_abs_logit_diff=diff, top1_agreement=agree, images=len(x))
+
+
+def save_proto(proto: onnx.ModelProto, out: Path) -> None:
+    """Write one self-contained file, atomically (no external data)."""
+    files.atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, save_as_external_data=False))
+
+
+def load_run(run_dir: Path) -> tuple[ViT, dict, Path]:
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise ExportError(
+            f"{run_dir} is not a training run: it needs config.json and model.safetensors (made by python train.py)"
+        )
+    run = json.loads(cfg_path.read_text())
+    model = ViT(ViTConfig.from_dict(run["model"]))
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), run, weights
+
+
+def validation_inputs(run_dir: Path, run: dict, limit: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """The run's validation images, preprocessed exactly as the runtime will, and labels."""
+    from vit.imageio import BadImage, open_image, preprocess
+
+    split = json.loads((Path(run_dir) / "split.json").read_text())
+    root = Path(run["train"]["data"])
+    p = run["preprocessing"]
+    xs, ys = [], []
+    for rel, y in split["val"][:limit]:
+        try:
+            img = open_image(root / rel)
+        except (BadImage, OSError):
+            continue
+        xs.append(preprocess(img, tuple(p["image_size"]), p["mean"], p["std"], p["crop_pct"], p["interpolation"]))
+        ys.append(y)
+    if not xs:
+        raise ExportError(
+            f"no validation images found under {root}: the run's data folder is needed to verify the export"
+        )
+    return np.stack(xs), np.array(ys)
+
+
+def confidence_threshold(model: ViT, x: np.ndarray, y: np.ndarray, k: int) -> float:
+    probs = torch.from_numpy(torch_logits(model, x)).softmax(-1).numpy()
+    correct = probs.argmax(1) == y
+    top = probs.max(1)[correct]
+    t = float(np.percentile(top, 5)) if len(top) else 0.0
+    return min(0.9, max(1.0 / k, t))
+
+
+def int8_gate(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray) -> dict:
+    agree = float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean())
+    acc32 = float((fp32_logits.argmax(1) == labels).mean())
+    acc8 = float((int8_logits.argmax(1) == labels).mean())
+    ok = agree >= INT8_MIN_AGREEMENT and acc32 - acc8 <= INT8_MAX_ACC_DROP + 1e-12
+    return dict(passed=ok, top1_agreement=agree, fp32_accuracy=acc32, int8_accuracy=acc8, images=len(labels))
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of MatMul/Gemm weights (activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul", "Gemm"],
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def export_run(run_dir: Path, out: Path, attention: bool = True, int8: bool = False, log=print) -> dict:
+    """Export, verify, and write ``out`` (and ``out``'s ``.int8.onnx`` twin if asked and passed)."""
+    model, run, weights = load_run(run_dir)
+    x, y = validation_inputs(run_dir, run)
+    threshold = confidence_threshold(model, x, y, model.config.num_classes)
+    proto = to_onnx(model, attention)
+    set_metadata(proto, run_metadata(Path(run_dir), run, weights, attention, threshold))
+    check = verify(proto, model, x, attention)
+    out = Path(out)
+    save_proto(proto, out)
+    log(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): max |Δ logits| vs PyTorch {check['max_abs_logit_diff']:.1e} "
+        f"on {check['images']} validation images, top-1 agreement {check['top1_agreement']:.0%}"
+    )
+    result = dict(fp32=dict(path=str(out), **check))
+    if int8:
+        result["int8"] = export_int8(out, x, y, log)
+    return result
+
+
+def export_int8(fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print) -> dict:
+    """Quantise ``fp32_path``; keep the result only if it passes the accuracy gate."""
+    dst = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        q = Path(tmp) / "q.onnx"
+        quantize_int8(fp32_path, q)
+        proto = onnx.load(str(q))
+        src_meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+        set_metadata(proto, {**src_meta, "quantization": "int8-dynamic (MatMul/Gemm weights, per channel)"})
+        gate = int8_gate(ort_logits(ort_session(fp32_path), x), ort_logits(ort_session(proto), x), y)
+        numbers = (
+            f"top-1 agreement with fp32 {gate['top1_agreement']:.2%} (need >= {INT8_MIN_AGREEMENT:.0%}), "
+            f"accuracy {gate['fp32_accuracy']:.2%} -> {gate['int8_accuracy']:.2%} (max drop "
+            f"{INT8_MAX_ACC_DROP * 100:.1f} points) on {gate['images']} validation images"
+        )
+        if not gate["passed"]:
+            log(f"int8 refused: {numbers}; no int8 file written")
+            return dict(path=None, **gate)
+        save_proto(proto, dst)
+    log(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB): {numbers}")
+    return dict(path=str(dst), **gate)
+
+
+def onnx_file_sha(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,199 @@
+"""A folder you can push to a Hugging Face Space as is.
+
+    python -m export space RUN_DIR --out my-space        # exports and verifies the model first
+    python -m export space model.onnx --out my-space     # an ONNX file made by python -m export
+
+The folder holds app.py, the torch-free runtime it imports (vit/imageio.py,
+vit/runtime.py), the model, example images, a requirements.txt without torch and a
+README.md whose front matter Spaces reads and whose body is a model card built from the
+model's own metadata and, for a run, its validation report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_FILES = ("app.py", "vit/__init__.py", "vit/imageio.py", "vit/runtime.py")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("gradio", "onnxruntime", "numpy", "pillow")}
+
+
+def pick_examples(run_dir: Path, per_class: int, limit: int = 12) -> list[tuple[Path, str]]:
+    """Validation images, round-robin over classes, as (path, label)."""
+    run = json.loads((run_dir / "config.json").read_text())
+    split = json.loads((run_dir / "split.json").read_text())
+    root = Path(run["train"]["data"])
+    by_class: dict[int, list[str]] = {}
+    for rel, y in split["val"]:
+        by_class.setdefault(y, []).append(rel)
+    picked = []
+    for k in range(per_class):
+        for y in sorted(by_class):
+            if k < len(by_class[y]) and len(picked) < limit:
+                picked.append((root / by_class[y][k], run["labels"][y]))
+    return picked
+
+
+def model_card(meta: dict, report: dict | None, title: str) -> str:
+    labels = json.loads(meta["labels"])
+    cfg = json.loads(meta["model_config"])
+    size = json.loads(meta["image_size"])
+    acc = meta.get("val_accuracy")
+    lines = [
+        f"# {title}",
+        "",
+        f"A Vision Transformer image classifier for {len(labels)} classes: {', '.join(labels)}. "
+        "It runs on onnxruntime on a CPU; upload, photograph or paste an image to see the top classes and an "
+        "attention map of where the model looked.",
+        "",
+        "## Model",
+        "",
+        f"- Architecture: ViT ({cfg['depth']} blocks, width {cfg['dim']}, {cfg['heads']} heads, patch "
+        f"{cfg['patch_size']}), input {size[0]}x{size[1]} px, pooling by {cfg['pool']}.",
+        f"- Preprocessing (inside the ONNX file's metadata): resize ({meta['interpolation']}), centre crop "
+        f"{float(meta['crop_pct']):.3f}, mean {meta['mean']}, std {meta['std']}.",
+        f"- Weights: {meta.get('quantization', 'none')}; SHA-256 of the trained weights {meta['weights_sha256'][:16]}...",
+        f'- The app says "not sure" below a top probability of {float(meta.get("threshold", 0)):.0%} '
+        f"({meta.get('threshold_rule', '')}).",
+        "",
+        "## Results",
+        "",
+    ]
+    if acc:
+        lines.append(f"Validation accuracy **{float(acc):.2%}** (the training run's held-out split).")
+    if report:
+        lines += [
+            "",
+            f"Macro F1 {report['macro']['f1']:.3f}, expected calibration error {report['ece']:.3f}, "
+            f"{report['n']} validation images.",
+            "",
+            "| class | precision | recall | F1 | images |",
+            "|---|---|---|---|---|",
+        ]
+        for c, r in report["per_class"].items():
+            lines.append(f"| {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "The model knows only the classes above and was trained on the images it was given: images unlike "
+        'them get confident answers less often, and low-confidence answers are shown as "not sure". '
+        "Validation numbers come from the same source as the training images, not from the wild.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_space(source: Path, out: Path, title: str | None = None, examples: Path | None = None) -> Path:
+    """Write the Space folder ``out`` from a run folder or an exported .onnx file."""
+    from export.onnx_export import ExportError, export_run
+    from vit.runtime import Classifier
+
+    source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty: choose a new folder")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "assets" / "examples").mkdir(parents=True)
+    try:
+        report = None
+        if source.is_dir():
+            export_run(source, staging / "assets" / "model.onnx")
+            picks = pick_examples(source, per_class=2)
+            for i, (p, label) in enumerate(picks):
+                shutil.copy(p, staging / "assets" / "examples" / f"{label}_{i:02d}{p.suffix.lower()}")
+            if (source / "report.json").is_file():
+                report = json.loads((source / "report.json").read_text())
+        elif source.suffix == ".onnx":
+            shutil.copy(source, staging / "assets" / "model.onnx")
+            ex = examples or (source.parent / "examples")
+            if ex.is_dir():
+                for p in sorted(ex.iterdir())[:12]:
+                    if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                        shutil.copy(p, staging / "assets" / "examples" / p.name)
+        else:
+            raise ExportError(f"{source} is neither a run folder nor an .onnx file")
+        clf = Classifier(staging / "assets" / "model.onnx")  # proves the file loads and has its metadata
+        meta = clf.metadata
+        for rel in RUNTIME_FILES:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, staging / rel)
+        v = versions()
+        (staging / "requirements.txt").write_text(
+            f"gradio=={v['gradio']}\nonnxruntime>={v['onnxruntime']}\nnumpy>=1.26\npillow>=10.0\n"
+        )
+        title = title or "ViT image classifier"
+        labels = json.loads(meta["labels"])
+        short = f"ViT classifier: {', '.join(labels)}"
+        short = short if len(short) <= 60 else f"ViT image classifier, {len(labels)} classes"
+        front = "\n".join(
+            [
+                "---",
+                f"title: {title}",
+                "emoji: 🔎",
+                "colorFrom: indigo",
+                "colorTo: blue",
+                "sdk: gradio",
+                f"sdk_version: {v['gradio']}",
+                "app_file: app.py",
+                'python_version: "3.11"',
+                f"short_description: {short}",
+                "tags:",
+                "  - image-classification",
+                "  - vision-transformer",
+                "  - onnx",
+                "license: apache-2.0",
+                "pinned: false",
+                "---",
+                "",
+            ]
+        )
+        (staging / "README.md").write_text(front + model_card(meta, report, title))
+        (staging / ".gitattributes").write_text("*.onnx filter=lfs diff=lfs merge=lfs -text\n")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m export space",
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", type=Path, help="a run folder (made by train.py) or an .onnx file (made by export)")
+    p.add_argument("--out", type=Path, required=True, help="the Space folder to create")
+    p.add_argument("--title", default=None)
+    p.add_argument("--examples", type=Path, default=None, help="example images for an .onnx source")
+    a = p.parse_args(argv)
+    from export.onnx_export import ExportError
+    from vit.runtime import ModelFileError
+
+    try:
+        out = build_space(a.source, a.out, a.title, a.examples)
+    except (ExportError, ModelFileError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"Space folder ready: {out}\nPush it: cd {out} && git init && git add . && git commit -m 'Space' && "
+        "git remote add space https://huggingface.co/spaces/USER/NAME && git push space HEAD:main"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Run an exported model with onnxruntime, numpy and PIL alone: no torch.
+
+    from vit.runtime import Classifier
+    clf = Classifier("model.onnx")
+    pred = clf.predict(PIL.Image.open("cat.jpg"))
+    pred.top_k      # [("cat", 0.93), ("dog", 0.05), ...]
+    pred.attention  # (Gh, Gw) array in [0, 1]: where the model looked, or None
+
+Everything needed to use the file correctly (labels, input size, normalisation, resize,
+crop, the "not sure" threshold) is read from the ONNX file's own metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vit.imageio import DEFAULT_MAX_PIXELS, open_image, preprocess
+
+REQUIRED_METADATA = ("labels", "image_size", "mean", "std", "interpolation", "crop_pct")
+
+
+class ModelFileError(ValueError):
+    """The model file is missing, not ONNX, or not made by ``python -m export``."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
+
+    Containers often see the host's cores but may only use a few; sizing threads from the
+    host count oversubscribes them and slows everything down.
+    """
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+@dataclass
+class Prediction:
+    top_k: list[tuple[str, float]]  # (label, probability), most likely first
+    probs: np.ndarray  # (K,) over all labels, in class-index order
+    attention: np.ndarray | None  # (Gh, Gw), max 1, or None if the file has no attention output
+    sure: bool  # top probability at or above the model's threshold
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0][0]
+
+
+class Classifier:
+    """An ONNX file made by ``python -m export``, ready to classify PIL images."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, warmup: bool = True):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"model file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or usable_cpus()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ModelFileError(f"{path} is not a valid ONNX model: {e}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in REQUIRED_METADATA if k not in meta]
+        if missing:
+            raise ModelFileError(f"{path} lacks metadata {missing}: export it with `python -m export RUN_DIR`")
+        self.path = path
+        self.metadata = dict(meta)
+        self.labels: list[str] = json.loads(meta["labels"])
+        self.image_size = tuple(json.loads(meta["image_size"]))
+        self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
+        self.interpolation, self.crop_pct = meta["interpolation"], float(meta["crop_pct"])
+        self.threshold = float(meta.get("threshold", 0.0))
+        self.input_name = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.has_attention = "attention" in self.outputs
+        if warmup:
+            self.session.run(None, {self.input_name: np.zeros((1, 3, *self.image_size), np.float32)})
+
+    def info(self) -> dict:
+        """The model's facts, for a person: labels, input size, accuracy and so on."""
+        m = self.metadata
+        return dict(
+            labels=self.labels,
+            image_size=list(self.image_size),
+            val_accuracy=m.get("val_accuracy"),
+            threshold=self.threshold,
+            quantization=m.get("quantization", "none"),
+            exported_at=m.get("exported_at"),
+            weights_sha256=m.get("weights_sha256"),
+        )
+
+    def preprocess(self, image) -> np.ndarray:
+        """PIL image, path or file -> (3, H, W) float32, as training evaluated it."""
+        img = image if isinstance(image, Image.Image) else open_image(image, DEFAULT_MAX_PIXELS, check_extension=False)
+        return preprocess(open_image(img), self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, 3, H, W) -> logits (B, K) and attention (B, Gh, Gw) or None."""
+        out = dict(zip(self.outputs, self.session.run(None, {self.input_name: batch})))
+        return out["logits"], out.get("attention")
+
+    def predict_many(self, images: list, top_k: int = 5) -> list[Prediction]:
+        batch = np.stack([self.preprocess(im) for im in images])
+        logits, attn = self.run(batch)
+        z = logits - logits.max(1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        preds = []
+        for i, p in enumerate(probs):
+            order = np.argsort(-p)[:top_k]
+            preds.append(
+                Prediction(
+                    [(self.labels[j], float(p[j])) for j in order],
+                    p,
+                    None if attn is None else attn[i],
+                    bool(p[order[0]] >= self.threshold),
+                )
+            )
+        return preds
+
+    def predict(self, image, top_k: int = 5) -> Prediction:
+        return self.predict_many([image], top_k)[0]
+
+    def timed_predict(self, image, top_k: int = 5) -> tuple[Prediction, float]:
+        t0 = time.perf_counter()
+        pred = self.predict(image, top_k)
+        return pred, time.perf_counter() - t0
+
+
+def overlay(
+    image: Image.Image,
+    attention: np.ndarray,
+    image_size: tuple[int, int],
+    crop_pct: float,
+    interpolation: str,
+    alpha: float = 0.55,
+) -> Image.Image:
+    """The attention map as a heat overlay on the region of the image the model saw."""
+    from vit.imageio import resize_for_eval
+
+    seen = resize_for_eval(open_image(image), tuple(image_size), crop_pct, interpolation)
+    a = np.clip(attention / max(float(attention.max()), 1e-8), 0, 1)
+    heat = Image.fromarray((a * 255).astype(np.uint8)).resize(seen.size, Image.Resampling.BICUBIC)
+    h = np.asarray(heat, dtype=np.float32) / 255.0
+    colour = np.stack([h, 0.25 * h, 1 - h], -1) * 255  # blue (ignored) to red (attended)
+    out = np.asarray(seen, dtype=np.float32) * (1 - alpha * h[..., None]) + colour * alpha * h[..., None]
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
