@@ -265,7 +265,8 @@ def export_run(run_dir: Path, out: Path, attention: bool = True, int8: bool = Fa
     out = Path(out)
     save_proto(proto, out)
     log(
-        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): max |Δ logits| vs PyTorch {check['max_abs_logit_diff']:.1e} "
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): "
+        f"max |Δ logits| vs PyTorch {check['max_abs_logit_diff']:.1e} "
         f"on {check['images']} validation images, top-1 agreement {check['top1_agreement']:.0%}"
     )
     result = dict(fp32=dict(path=str(out), **check))

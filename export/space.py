@@ -61,7 +61,8 @@ def model_card(meta: dict, report: dict | None, title: str) -> str:
         f"{cfg['patch_size']}), input {size[0]}x{size[1]} px, pooling by {cfg['pool']}.",
         f"- Preprocessing (inside the ONNX file's metadata): resize ({meta['interpolation']}), centre crop "
         f"{float(meta['crop_pct']):.3f}, mean {meta['mean']}, std {meta['std']}.",
-        f"- Weights: {meta.get('quantization', 'none')}; SHA-256 of the trained weights {meta['weights_sha256'][:16]}...",
+        f"- Weights: {meta.get('quantization', 'none')}; "
+        f"SHA-256 of the trained weights {meta['weights_sha256'][:16]}...",
         f'- The app says "not sure" below a top probability of {float(meta.get("threshold", 0)):.0%} '
         f"({meta.get('threshold_rule', '')}).",
         "",
