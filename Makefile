@@ -4,8 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch and torchvision are pinned to releases known to install together on Python 3.11.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+HOST   ?= 127.0.0.1
+PORT   ?= 7860
 
-.PHONY: test lint bench install clean
+.PHONY: demo demo-model test lint bench install browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +20,29 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-test: install
+# The browser test drives Debian's chromium; installed here when we may (root with apt-get).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed and cannot be installed here: the browser test will be skipped"; fi; }
+
+# The app on the bundled model: checks the model file, then serves http://127.0.0.1:7860
+demo: install
+	$(BIN)/python -c "from vit.runtime import Classifier; c = Classifier('assets/model.onnx'); \
+	print(f'model ok: {len(c.labels)} classes, validation accuracy {float(c.metadata[\"val_accuracy\"]):.1%}')"
+	$(BIN)/python app.py --host $(HOST) --port $(PORT)
+
+# Regenerate the bundled demo model from scratch: data, training, export, examples, accuracy.
+demo-model: install
+	rm -rf runs/demo-data runs/demo
+	$(BIN)/python -m vit.datasets shapes --out runs/demo-data --per-class 500 --size 64 --seed 0
+	$(BIN)/python train.py --data runs/demo-data --out runs/demo --workers 1 --image-size 48 --patch-size 8 \
+	  --dim 128 --depth 6 --heads 4 --mlp-dim 256 --hflip 0.5 --time-budget 11 --epochs 60
+	$(BIN)/python -m export runs/demo --out assets/model.onnx --canvas
+	$(BIN)/python benchmarks/demo_accuracy.py --model assets/model.onnx
+
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -30,4 +54,4 @@ bench: install
 	$(BIN)/python -m vit.bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info artifacts

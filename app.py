@@ -65,14 +65,23 @@ def read_upload(image, max_bytes: int, max_pixels: int) -> Image.Image:
         raise gr.Error(f"Could not use this file as an image: {reason}.") from None
 
 
-class UploadPath(gr.Image):
-    """gr.Image that hands the raw upload path to ``predict``, so decoding (and every
-    safety check on it) happens in one place, ``vit.imageio.open_image``."""
+def upload_path_image(**kwargs) -> gr.Image:
+    """A gr.Image whose input is the raw upload path, so decoding (and every safety check
+    on it) happens in one place, ``vit.imageio.open_image``, not in Gradio's own PIL call.
 
-    def preprocess(self, payload):
+    The override sits on the instance: subclassing a Gradio component makes Gradio write a
+    type-stub file beside this one at import time.
+    """
+    image = gr.Image(type="filepath", **kwargs)
+    default = image.preprocess
+
+    def preprocess(payload):
         if payload is not None and payload.path is not None:
             return payload.path
-        return super().preprocess(payload)
+        return default(payload)
+
+    image.preprocess = preprocess
+    return image
 
 
 # --------------------------------------------------------------------------------------
@@ -131,7 +140,9 @@ class Predictor:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(rows)
-        return gr.Dataframe(value=rows, headers=header), csv_path
+        import pandas as pd  # a Gradio dependency
+
+        return pd.DataFrame(rows, columns=header), csv_path
 
 
 # --------------------------------------------------------------------------------------
@@ -161,12 +172,14 @@ def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_m
         with gr.Tab("Image"):
             with gr.Row():
                 with gr.Column():
-                    image = UploadPath(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image")
+                    image = upload_path_image(sources=["upload", "webcam", "clipboard"], label="Image", height=320)
                     go = gr.Button("Classify", variant="primary")
                 with gr.Column():
                     label = gr.Label(num_top_classes=5, label="Prediction")
                     note = gr.Markdown()
-                    heat = gr.Image(label="Where it looked (attention rollout)", interactive=False, format="png")
+                    heat = gr.Image(
+                        label="Where it looked (attention rollout)", interactive=False, format="png", height=320
+                    )
             outputs = [label, heat, note]
             go.click(app.predict, image, outputs, api_name="predict")
             image.upload(app.predict, image, outputs, api_name=False)

@@ -28,6 +28,7 @@ SETTINGS = (  # (flag name, type, help); None as default means "the recipe picks
     ("depth", int, "number of encoder blocks"),
     ("heads", int, "attention heads"),
     ("mlp_dim", int, "MLP hidden width"),
+    ("pool", str, "token (class token, the paper) or avg (mean of patch tokens)"),
     ("epochs", int, "epochs (an upper bound when a time budget is set)"),
     ("time_budget", float, "minutes: fit the number of epochs to this wall-clock budget (0: off)"),
     ("batch_size", int, "images per optimizer step per process (before accumulation)"),

@@ -143,25 +143,23 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "learning")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "learning_cpu.json")
     a = p.parse_args()
-    results = []
+    sys.path.insert(0, str(ROOT))
+    from vit.bench import machine
+
     for name in a.only or list(DATASETS):
         print(f"== {name}", flush=True)
         r = run_one(name, a.work)
         print(json.dumps(r, indent=1), flush=True)
-        results.append(r)
-    sys.path.insert(0, str(ROOT))
-    from vit.bench import machine
-
-    old = json.loads(a.out.read_text())["results"] if a.out.exists() else []
-    merged = {r["dataset"]: r for r in old} | {r["dataset"]: r for r in results}
-    doc = dict(
-        machine=machine(),
-        platform=platform.platform(),
-        command="python benchmarks/learning.py",
-        results=list(merged.values()),
-    )
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=2) + "\n")
+        old = json.loads(a.out.read_text())["results"] if a.out.exists() else []
+        merged = {x["dataset"]: x for x in old} | {r["dataset"]: r}  # saved after every dataset
+        doc = dict(
+            machine=machine(),
+            platform=platform.platform(),
+            command="python benchmarks/learning.py",
+            results=list(merged.values()),
+        )
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(
         "\n| dataset | images (train/val) | px | ViT val acc (best / last epoch) | RBF-SVM val acc | ViT minutes "
         "| epochs | train img/s | data wait |"

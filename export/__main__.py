@@ -26,11 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output .onnx path (default RUN_DIR/model.onnx)")
     p.add_argument("--int8", action="store_true", help="also write an int8 copy, if it passes the accuracy gate")
     p.add_argument("--no-attention", action="store_true", help="logits only: no attention-map output")
+    p.add_argument("--canvas", action="store_true", help="mark the model as one for drawings: the app offers a canvas")
     a = p.parse_args(argv)
     from export.onnx_export import ExportError, export_run
 
     try:
-        export_run(a.run_dir, a.out or a.run_dir / "model.onnx", attention=not a.no_attention, int8=a.int8)
+        export_run(
+            a.run_dir,
+            a.out or a.run_dir / "model.onnx",
+            attention=not a.no_attention,
+            int8=a.int8,
+            extra_metadata={"canvas": "true"} if a.canvas else None,
+        )
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

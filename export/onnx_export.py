@@ -254,13 +254,20 @@ def quantize_int8(src: Path, dst: Path) -> None:
     )
 
 
-def export_run(run_dir: Path, out: Path, attention: bool = True, int8: bool = False, log=print) -> dict:
+def export_run(
+    run_dir: Path,
+    out: Path,
+    attention: bool = True,
+    int8: bool = False,
+    log=print,
+    extra_metadata: dict[str, str] | None = None,
+) -> dict:
     """Export, verify, and write ``out`` (and ``out``'s ``.int8.onnx`` twin if asked and passed)."""
     model, run, weights = load_run(run_dir)
     x, y = validation_inputs(run_dir, run)
     threshold = confidence_threshold(model, x, y, model.config.num_classes)
     proto = to_onnx(model, attention)
-    set_metadata(proto, run_metadata(Path(run_dir), run, weights, attention, threshold))
+    set_metadata(proto, {**run_metadata(Path(run_dir), run, weights, attention, threshold), **(extra_metadata or {})})
     check = verify(proto, model, x, attention)
     out = Path(out)
     save_proto(proto, out)

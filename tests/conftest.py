@@ -25,3 +25,41 @@ def shapes_dir(tmp_path_factory) -> Path:
 def shapes_copy(shapes_dir, tmp_path) -> Path:
     """A copy the test may damage."""
     return Path(shutil.copytree(shapes_dir, tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def run_dir(shapes_dir, tmp_path_factory) -> Path:
+    """A trained tiny run (3 epochs, 32 px input, 4x4 patch grid)."""
+    import train
+
+    out = tmp_path_factory.mktemp("export") / "run"
+    assert (
+        train.main(
+            [
+                "--data",
+                str(shapes_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "3",
+                "--workers",
+                "0",
+                "--image-size",
+                "32",
+                "--patch-size",
+                "8",
+                *TINY_MODEL,
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(run_dir):
+    """(model.onnx path, export result) with attention output and an int8 attempt."""
+    from export.onnx_export import export_run
+
+    out = run_dir / "model.onnx"
+    return out, export_run(run_dir, out, attention=True, int8=True)

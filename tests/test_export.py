@@ -12,44 +12,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-import train
-from export.onnx_export import ExportError, export_run, int8_gate, load_run, save_proto, to_onnx, verify
-from tests.conftest import ROOT, TINY_MODEL
+from export.onnx_export import ExportError, int8_gate, load_run, save_proto, to_onnx, verify
+from tests.conftest import ROOT
 from vit.imageio import open_image
 from vit.runtime import Classifier, ModelFileError
-
-
-@pytest.fixture(scope="module")
-def run_dir(shapes_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "run"
-    assert (
-        train.main(
-            [
-                "--data",
-                str(shapes_dir),
-                "--out",
-                str(out),
-                "--epochs",
-                "3",
-                "--workers",
-                "0",
-                "--image-size",
-                "32",
-                "--patch-size",
-                "8",
-                *TINY_MODEL,
-            ]
-        )
-        == 0
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def exported(run_dir):
-    out = run_dir / "model.onnx"
-    result = export_run(run_dir, out, attention=True, int8=True)
-    return out, result
 
 
 def test_file_is_checked_self_contained_and_self_describing(exported, run_dir):

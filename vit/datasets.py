@@ -141,9 +141,32 @@ def render(shape: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def render_drawing(shape: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """A shape as a person draws it on the app's canvas: a dark wobbly stroke on white."""
+    big = size * 4
+    img = Image.new("RGB", (big, big), "white")
+    pts = _wobble(outline(shape), rng, rng.uniform(0.02, 0.06))
+    a = rng.uniform(0, 2 * math.pi)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    xy = (pts @ rot.T) * rng.uniform(0.28, 0.4) * big + rng.uniform(0.42, 0.58, 2) * big
+    xy = [tuple(p) for p in xy.tolist()]
+    ImageDraw.Draw(img).line(
+        xy + [xy[0], xy[1]], fill=(20, 20, 20), width=int(big * rng.uniform(0.02, 0.04)), joint="curve"
+    )
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
 def make_shapes(
-    out: str | Path, per_class: int = 300, size: int = 64, seed: int = 0, classes: tuple[str, ...] = SHAPES
+    out: str | Path,
+    per_class: int = 300,
+    size: int = 64,
+    seed: int = 0,
+    classes: tuple[str, ...] = SHAPES,
+    style: str = "varied",
 ) -> Path:
+    """Write ``per_class`` images of each shape under ``out/<class>/``; returns ``out``.
+
+    ``style``: "varied" (the training distribution) or "drawing" (strokes on white)."""
     """Write ``per_class`` images of each shape under ``out/<class>/``; returns ``out``."""
     out = Path(out)
     for ci, shape in enumerate(classes):
@@ -151,7 +174,8 @@ def make_shapes(
         d.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, ci])
         for i in range(per_class):
-            render(shape, rng, size).save(d / f"{shape}_{i:05d}.png")
+            paint = render if style == "varied" else render_drawing
+            paint(shape, rng, size).save(d / f"{shape}_{i:05d}.png")
     return out
 
 

@@ -177,6 +177,19 @@ def resample_pos_embed(
     return torch.cat([prefix, grid], dim=1)
 
 
+def sincos_pos_embed(grid: tuple[int, int], dim: int, num_prefix_tokens: int) -> torch.Tensor:
+    """2-D sin-cos position table (1, prefix + Gh*Gw, D): a quarter of the channels each for
+    sin and cos of the column and of the row, at geometric frequencies; prefix rows are 0."""
+    if dim % 4:
+        return torch.randn(1, num_prefix_tokens + grid[0] * grid[1], dim) * 0.02
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / max(dim // 4 - 1, 1))  # (D/4,)
+    r = rows.flatten()[:, None].float() * omega  # (Gh*Gw, D/4)
+    c = cols.flatten()[:, None].float() * omega
+    table = torch.cat([c.sin(), c.cos(), r.sin(), r.cos()], dim=1)  # (Gh*Gw, D)
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), table])[None]
+
+
 # --------------------------------------------------------------------------------------
 # Eq. 2: multi-head self-attention  z'_l = MSA(LN(z_{l-1})) + z_{l-1}
 # --------------------------------------------------------------------------------------
@@ -332,8 +345,11 @@ class ViT(nn.Module):
         """From-scratch initialisation of the JAX reference (big_vision ``vit.py``).
 
         Dense kernels: truncated normal std .02 (timm) with zero biases; patch embedding:
-        LeCun normal; position embedding: normal std .02; class token: zeros; head: zeros,
-        so an untrained model predicts uniform probabilities (first loss = ln K).
+        LeCun normal; class token: zeros; head: zeros, so an untrained model predicts
+        uniform probabilities (first loss = ln K). The position embedding is still learned,
+        as in the paper, but starts as the 2-D sin-cos table of "Better plain ViT baselines"
+        (Beyer et al. 2022) instead of noise of std .02: position is then visible from the
+        first step, which on small datasets we measured to learn markedly faster.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -343,7 +359,7 @@ class ViT(nn.Module):
         w = self.patch_embed.proj.weight  # (D, C, P, P); fan_in = C*P*P
         nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()) / 0.87962566103423978)
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        self.pos_embed.copy_(sincos_pos_embed(self.config.grid_size, self.config.dim, self.config.num_prefix_tokens))
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)

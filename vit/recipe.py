@@ -11,10 +11,15 @@ def input_size_for(native_side: int, device: str) -> tuple[int, int]:
     """(image size, patch size) for images whose shorter side is about ``native_side``.
 
     Small images are not blown up: the input stays near its native size and the patch
-    shrinks with it, so the grid stays at 8x8 = 64 tokens (cheap enough for a CPU). Large
+    shrinks with it, so the grid stays at 8x8 = 64 tokens (4x4 for glyph-sized images of 24 px
+    or less), cheap enough for a CPU. Large
     images use the paper's 16-pixel patches, at 224 on a GPU and 128 on a CPU.
     """
-    for limit, size in ((12, 8), (24, 16), (48, 32), (96, 64)):
+    if native_side <= 12:
+        return 8, 2  # glyph-sized images: a 4x4 grid of 2-pixel patches
+    if native_side <= 24:
+        return 16, 4
+    for limit, size in ((48, 32), (96, 64)):
         if native_side <= limit:
             return size, size // 8
     return (224, 16) if device == "cuda" else (128, 16)
@@ -23,7 +28,7 @@ def input_size_for(native_side: int, device: str) -> tuple[int, int]:
 def model_for(num_images: int) -> dict[str, int]:
     """Width and depth for the amount of data: small data, small model (less to overfit)."""
     if num_images < 5_000:
-        return dict(dim=192, depth=6, heads=3, mlp_dim=384)
+        return dict(dim=128, depth=6, heads=4, mlp_dim=256)
     if num_images < 50_000:
         return dict(dim=192, depth=12, heads=3, mlp_dim=768)  # ViT-Ti (DeiT)
     return dict(dim=384, depth=12, heads=6, mlp_dim=1536)  # ViT-S (DeiT)
@@ -33,24 +38,30 @@ def scratch_recipe(num_images: int, native_side: int, device: str) -> dict:
     """Defaults for training from scratch (DeiT-style recipe, scaled to the data)."""
     image_size, patch = input_size_for(native_side, device)
     epochs = int(min(300, max(30, 100_000 // max(num_images, 1))))
+    # Images of 16 px or less are mostly glyphs (digits, letters, icons): a mirror image or a
+    # tight crop of one is often another class, so those augmentations are left out.
+    glyphs = native_side <= 16
     return dict(
         image_size=image_size,
         patch_size=patch,
         **model_for(num_images),
+        # Average pooling over patch tokens, LayerNorm after pooling: measured to learn faster
+        # than the class token from scratch on small data (as Beyer et al. 2022 report too).
+        pool="avg",
         epochs=epochs,
         time_budget=8.0 if device == "cpu" else None,  # minutes; fits the schedule to the clock
-        batch_size=min(128, max(16, num_images // 16)),
+        batch_size=min(128, max(32, num_images // 50)),  # small data: more, smaller steps
         lr=1e-3,
         min_lr_ratio=0.01,
         weight_decay=0.05,
         warmup_epochs=min(5, max(1, epochs // 20)),
         label_smoothing=0.1,
-        augment="trivial",
-        scale_min=0.35,
-        hflip=0.5,
+        augment="none" if glyphs else "trivial",  # at <= 16 px TrivialAugment's ops destroy the glyph
+        scale_min=0.75 if glyphs else 0.35,
+        hflip=0.0 if glyphs else 0.5,
         mixup=0.0,
         cutmix=0.0,
-        erase=0.25,
+        erase=0.0 if glyphs else 0.25,
         drop_path=0.1,
         dropout=0.0,
         clip_grad=1.0,

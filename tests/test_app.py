@@ -1,0 +1,235 @@
+"""app.py with real clients: gradio_client over HTTP, and headless Chromium."""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from tests.conftest import ROOT
+
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 90):
+    """Start an app process and wait until its page answers; returns (process, url, seconds to ready)."""
+    port = free_port()
+    env = {**os.environ, **(env or {}), "PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("GRADIO_SERVER_NAME", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", *args, "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"app exited early:\n{proc.stdout.read()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url, time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"app not ready after {timeout}s")
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    proc, url, _ = launch(["--model", str(exported[0]), "--max-upload-mb", "1"], cwd=ROOT)
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, shapes_dir):
+    """Every kind of upload, good and bad."""
+    d = tmp_path_factory.mktemp("uploads")
+    rng = np.random.default_rng(0)
+    src = Image.open(next((shapes_dir / "square").iterdir())).convert("RGB").resize((48, 40))
+    good = {"plain.png": src}
+    good["rgba.png"] = src.convert("RGBA")
+    good["palette.png"] = src.convert("P")
+    good["gray.png"] = src.convert("L")
+    good["cmyk.jpg"] = src.convert("CMYK")
+    good["16bit.png"] = Image.fromarray(rng.integers(0, 65535, (40, 48), dtype=np.uint16))
+    for name, img in good.items():
+        img.save(d / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src.save(d / "rotated.jpg", exif=exif)
+    src.save(d / "anim.gif", save_all=True, append_images=[src.rotate(90)])
+    bad = {}
+    (d / "notes.png").write_text("this is text, not a picture")
+    bad["notes.png"] = "not an image"
+    (d / "empty.png").write_bytes(b"")
+    bad["empty.png"] = "empty file"
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (d / "truncated.png").write_bytes(buf.getvalue()[:400])
+    bad["truncated.png"] = "corrupt or truncated"
+    Image.new("L", (7000, 7000)).save(d / "bomb.png")  # 49M pixels, a few KB on disk
+    bad["bomb.png"] = "over the limit"
+    Image.fromarray(rng.integers(0, 255, (800, 700, 3), dtype=np.uint8)).save(d / "big.png")  # ~1.7 MB > 1 MB
+    return d, sorted(good) + ["rotated.jpg", "anim.gif"], bad
+
+
+def test_example_image_gets_the_right_label(client, exported, run_dir, shapes_dir):
+    from vit.runtime import Classifier
+
+    clf = Classifier(exported[0])
+    path = next((shapes_dir / "cross").iterdir())
+    label, overlay, note = client.predict(handle_file(str(path)), api_name="/predict")
+    assert label["label"] == clf.predict(Image.open(path)).label  # what the model itself says
+    assert {c["label"] for c in label["confidences"]} <= set(clf.labels)
+    assert Path(overlay).is_file() and "ms" in note
+
+
+def test_every_good_kind_of_image_is_classified(client, inputs):
+    d, good, _ = inputs
+    for name in good:
+        label, _, _ = client.predict(handle_file(str(d / name)), api_name="/predict")
+        assert label["label"] in ("circle", "cross", "square", "triangle"), name
+
+
+def test_bad_inputs_get_a_message_and_the_server_keeps_serving(client, inputs):
+    d, good, bad = inputs
+    for name, fragment in bad.items():
+        with pytest.raises(Exception) as err:
+            client.predict(handle_file(str(d / name)), api_name="/predict")
+        assert fragment in str(err.value), (name, str(err.value))
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):  # the 1 MB limit
+        client.predict(handle_file(str(d / "big.png")), api_name="/predict")
+    label, _, _ = client.predict(handle_file(str(d / good[0])), api_name="/predict")
+    assert label["label"]
+
+
+def test_batch_endpoint_gives_a_table_and_csv(client, inputs):
+    d, good, bad = inputs
+    table, csv_path = client.predict(
+        [handle_file(str(d / n)) for n in (good[0], "notes.png", good[1])], api_name="/predict_batch"
+    )
+    rows = table["data"]
+    assert [r[0] for r in rows] == [good[0], "notes.png", good[1]]
+    assert rows[1][4].startswith("error:") and rows[0][1] in ("circle", "cross", "square", "triangle")
+    text = Path(csv_path).read_text()
+    assert text.splitlines()[0] == "file,label,probability,runner-up,note" and len(text.splitlines()) == 4
+
+
+def test_concurrent_clients_all_succeed(server, inputs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, good, _ = inputs
+
+    def one(i):
+        return Client(server, verbose=False).predict(handle_file(str(d / good[i % len(good)])), api_name="/predict")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(16)))
+    assert all(r[0]["label"] for r in results)
+
+
+def test_app_serves_no_files_beyond_its_assets(server):
+    for target in (ROOT / "app.py", ROOT / "pyproject.toml"):
+        for prefix in ("gradio_api/file=", "file="):
+            try:
+                with urllib.request.urlopen(f"{server}{prefix}{target}", timeout=5) as r:
+                    assert target.read_bytes() not in r.read()
+            except urllib.error.HTTPError as e:
+                assert e.code in (403, 404)
+
+
+def test_missing_or_invalid_model_exits_with_a_message(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"nope")
+    for model, message in (
+        (tmp_path / "missing.onnx", "model file not found"),
+        (tmp_path / "bad.onnx", "not a valid ONNX model"),
+    ):
+        res = subprocess.run(
+            [sys.executable, "app.py", "--model", str(model)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_importing_the_app_does_not_import_torch():
+    code = "import sys, app; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_space_folder_runs_from_its_own_directory(run_dir, tmp_path):
+    from export.space import build_space
+
+    space = build_space(run_dir, tmp_path / "space")
+    readme = (space / "README.md").read_text()
+    req = (space / "requirements.txt").read_text()
+    import gradio
+
+    assert f"sdk_version: {gradio.__version__}" in readme and "sdk: gradio" in readme and "app_file: app.py" in readme
+    assert f"gradio=={gradio.__version__}" in req and "torch" not in req
+    assert "Validation accuracy" in readme and (space / "assets" / "model.onnx").is_file()
+    assert len(list((space / "assets" / "examples").iterdir())) >= 4
+    env = {"PYTHONPATH": "", "PYTHONNOUSERSITE": "1"}
+    proc, url, _ = launch([], cwd=space, env=env)
+    try:
+        example = sorted((space / "assets" / "examples").iterdir())[0]
+        label, _, _ = Client(url, verbose=False).predict(handle_file(str(example)), api_name="/predict")
+        assert label["label"] in ("circle", "cross", "square", "triangle")
+    finally:
+        stop(proc)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_browser_upload_shows_the_label(server, shapes_dir):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    image = next((shapes_dir / "circle").iterdir())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server)
+        page.locator("input[type=file]").first.set_input_files(str(image))
+        page.get_by_role("button", name="Classify", exact=True).click()
+        label = page.locator("[data-testid=label-output-value]").first
+        label.wait_for(timeout=60_000)
+        text = label.inner_text()
+        page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+        browser.close()
+    assert text.strip() in ("circle", "cross", "square", "triangle")
