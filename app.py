@@ -9,7 +9,9 @@ Four parts: load the model, preprocess (vit.runtime, shared with training), pred
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import io
 import os
 import sys
 import tempfile
@@ -89,6 +91,17 @@ def upload_path_image(**kwargs) -> gr.Image:
 # --------------------------------------------------------------------------------------
 
 
+def attention_html(img: Image.Image, width: int = 320) -> str:
+    """The overlay inline, as an <img> with a data URI. Served as a file, identical overlays
+    from concurrent requests share one cache path in Gradio and race; inline, they cannot,
+    and an API client gets it without a second download."""
+    img = img.resize((width, round(width * img.height / img.width)), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=88)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img src="data:image/jpeg;base64,{data}" alt="attention overlay" style="max-width:100%">'
+
+
 class Predictor:
     """The app's functions, plain enough for tests to call directly."""
 
@@ -96,17 +109,15 @@ class Predictor:
         self.clf, self.max_bytes, self.max_pixels = clf, max_bytes, max_pixels
 
     def predict(self, image):
-        """One image -> ({label: probability}, attention overlay, a note with time and certainty)."""
+        """One image -> ({label: probability}, attention overlay as HTML, a note with time and certainty)."""
         img = read_upload(image, self.max_bytes, self.max_pixels)
         t0 = time.perf_counter()
         pred = self.clf.predict(img, top_k=min(5, len(self.clf.labels)))
         ms = (time.perf_counter() - t0) * 1000
         c = self.clf
-        heat = (
-            overlay(img, pred.attention, c.image_size, c.crop_pct, c.interpolation)
-            if pred.attention is not None
-            else None
-        )
+        heat = ""
+        if pred.attention is not None:
+            heat = attention_html(overlay(img, pred.attention, c.image_size, c.crop_pct, c.interpolation))
         top_label, top_p = pred.top_k[0]
         if pred.sure:
             note = f"**{top_label}** ({top_p:.0%}) in {ms:.0f} ms."
@@ -177,9 +188,7 @@ def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_m
                 with gr.Column():
                     label = gr.Label(num_top_classes=5, label="Prediction")
                     note = gr.Markdown()
-                    heat = gr.Image(
-                        label="Where it looked (attention rollout)", interactive=False, format="png", height=320
-                    )
+                    heat = gr.HTML(label="Where it looked (attention rollout)")
             outputs = [label, heat, note]
             go.click(app.predict, image, outputs, api_name="predict")
             image.upload(app.predict, image, outputs, api_name=False)
@@ -203,7 +212,7 @@ def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_m
                         draw_go = gr.Button("Classify drawing", variant="primary")
                     with gr.Column():
                         d_label, d_note = gr.Label(num_top_classes=5, label="Prediction"), gr.Markdown()
-                        d_heat = gr.Image(label="Where it looked", interactive=False, format="png")
+                        d_heat = gr.HTML(label="Where it looked")
                 draw_go.click(app.predict, sketch, [d_label, d_heat, d_note], api_name="predict_drawing")
         with gr.Tab("Many images"):
             batch = gr.File(file_count="multiple", file_types=["image"], label="Images")

@@ -4,8 +4,9 @@
     python -m export.bench --models Ti/16 --runs 100
 
 Every engine gets the same number of threads (the CPUs this process may use). The
-engines take turns image by image, in a rotating order, so slow drift in the machine
-hits all of them alike; the median of many runs is reported. Weights are random (speed
+engines take turns in short blocks, in a rotating order, so slow drift in the machine
+hits all of them alike, and onnxruntime's idle threads sleep rather than spin, so they
+take no CPU from PyTorch; the median of many runs is reported. Weights are random (speed
 does not depend on them); int8 accuracy is gated on real validation data by
 ``python -m export RUN_DIR --int8``, not here. Writes benchmarks/onnx_latency_cpu.json.
 """
@@ -45,7 +46,7 @@ def engines_for(variant: str, tmp: Path) -> dict:
         save_proto(to_onnx(ours, attention), paths[name])
     paths["int8"] = tmp / "int8.onnx"
     quantize_int8(paths["fp32"], paths["int8"])
-    sessions = {k: ort_session(v, threads=usable_cpus()) for k, v in paths.items()}
+    sessions = {k: ort_session(v, threads=usable_cpus(), spin=False) for k, v in paths.items()}
 
     def torch_fn(model):
         def run(x):
@@ -66,19 +67,23 @@ def engines_for(variant: str, tmp: Path) -> dict:
     }, {k: round(v.stat().st_size / 2**20, 2) for k, v in paths.items()}
 
 
-def measure(engines: dict, runs: int, warmup: int) -> dict[str, list[float]]:
+def measure(engines: dict, runs: int, warmup: int, block: int = 5) -> dict[str, list[float]]:
+    """Engines take turns in blocks of ``block`` images, in a rotating order; the first image of
+    each block is not timed, so no engine pays for the previous one's threads winding down."""
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     for fn in engines.values():
         for _ in range(warmup):
             fn(x)
     names = list(engines)
     times = {n: [] for n in names}
-    for i in range(runs):
+    for i in range(max(1, runs // (block - 1))):
         order = names[i % len(names) :] + names[: i % len(names)]
         for n in order:
-            t0 = time.perf_counter()
             engines[n](x)
-            times[n].append((time.perf_counter() - t0) * 1000)
+            for _ in range(block - 1):
+                t0 = time.perf_counter()
+                engines[n](x)
+                times[n].append((time.perf_counter() - t0) * 1000)
     return times
 
 

@@ -130,12 +130,14 @@ def run_metadata(run_dir: Path, run: dict, weights: Path, attention: bool, thres
     }
 
 
-def ort_session(proto_or_path, threads: int | None = None):
+def ort_session(proto_or_path, threads: int | None = None, spin: bool = True):
     import onnxruntime as ort
 
     from vit.runtime import usable_cpus
 
     opts = ort.SessionOptions()
+    if not spin:  # idle worker threads sleep instead of spinning (fair when sharing CPUs with torch)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what the app uses
     opts.intra_op_num_threads = threads or usable_cpus()
     src = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)

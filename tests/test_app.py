@@ -115,7 +115,7 @@ def test_example_image_gets_the_right_label(client, exported, run_dir, shapes_di
     label, overlay, note = client.predict(handle_file(str(path)), api_name="/predict")
     assert label["label"] == clf.predict(Image.open(path)).label  # what the model itself says
     assert {c["label"] for c in label["confidences"]} <= set(clf.labels)
-    assert Path(overlay).is_file() and "ms" in note
+    assert overlay.startswith('<img src="data:image/jpeg;base64,') and "ms" in note
 
 
 def test_every_good_kind_of_image_is_classified(client, inputs):
@@ -212,24 +212,71 @@ def test_space_folder_runs_from_its_own_directory(run_dir, tmp_path):
         stop(proc)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
-def test_browser_upload_shows_the_label(server, shapes_dir):
+def browser(p):
+    return p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+    )
+
+
+def upload_and_read_label(url: str, image: Path, screenshot: Path) -> str:
+    """Open the app, upload ``image``, click Classify, return the shown label; save a screenshot."""
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    image = next((shapes_dir / "circle").iterdir())
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server)
+        b = browser(p)
+        page = b.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
         page.locator("input[type=file]").first.set_input_files(str(image))
         page.get_by_role("button", name="Classify", exact=True).click()
         label = page.locator("[data-testid=label-output-value]").first
         label.wait_for(timeout=60_000)
-        text = label.inner_text()
-        page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
-        browser.close()
-    assert text.strip() in ("circle", "cross", "square", "triangle")
+        page.wait_for_timeout(800)  # let the attention overlay arrive
+        text = label.inner_text().strip()
+        page.screenshot(path=str(screenshot), full_page=True)
+        b.close()
+    return text
+
+
+def screenshot_report(run_dir: Path, screenshot: Path) -> str:
+    """Render the run's report.md as a page in Chromium; return the page text."""
+    from markdown_it import MarkdownIt  # ships with gradio
+    from playwright.sync_api import sync_playwright
+
+    body = MarkdownIt("commonmark").enable("table").render((run_dir / "report.md").read_text())
+    page_file = run_dir / "report.html"
+    page_file.write_text(
+        "<html><body style='font-family:sans-serif;max-width:1000px;margin:24px'>"
+        "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        f"img{{max-width:100%}}</style>{body}</body></html>"
+    )
+    with sync_playwright() as p:
+        b = browser(p)
+        page = b.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(page_file.as_uri())
+        page.wait_for_load_state("load")
+        text = page.inner_text("body")
+        page.screenshot(path=str(screenshot), full_page=True)
+        b.close()
+    return text
+
+
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+
+
+@needs_chromium
+def test_browser_upload_shows_the_label(server, shapes_dir):
+    ARTIFACTS.mkdir(exist_ok=True)
+    text = upload_and_read_label(server, next((shapes_dir / "circle").iterdir()), ARTIFACTS / "app.png")
+    assert text in ("circle", "cross", "square", "triangle")
+    assert (ARTIFACTS / "app.png").stat().st_size > 10_000
+
+
+@needs_chromium
+def test_browser_renders_the_training_report(run_dir):
+    ARTIFACTS.mkdir(exist_ok=True)
+    text = screenshot_report(run_dir, ARTIFACTS / "report.png")
+    assert "Validation report" in text and "macro average" in text
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
