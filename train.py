@@ -104,12 +104,6 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def describe_scan(scan, train, val, notes) -> None:
     from vit.data import class_table
 
@@ -154,7 +148,10 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None) -
     cfg.setdefault("ema_decay", None)
     if cfg["ema_decay"] is None:
         cfg["ema_decay"] = round(min(0.9998, max(0.99, 1 - 20 / max(steps, 1))), 5)
-    workers = args.workers if args.workers is not None else (min(4, cpu_count() - 1) if cpu_count() > 2 else 1)
+    from vit.runtime import usable_cpus
+
+    cpus = usable_cpus()
+    workers = args.workers if args.workers is not None else (min(4, cpus - 1) if cpus > 2 else 1)
     cfg.update(
         seed=args.seed,
         grad_accum=args.grad_accum,

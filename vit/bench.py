@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ from torch import nn
 
 from vit.convert import timm_kwargs
 from vit.model import ViT, ViTConfig
+from vit.runtime import usable_cpus
 
 # Dense bf16 tensor-core peak, TFLOPS, for MFU (NVIDIA datasheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L40S": 362.0}
@@ -43,7 +43,7 @@ def machine() -> dict:
         pass
     info = dict(
         cpu=cpu,
-        cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        cpus_usable=usable_cpus(),
         torch_threads=torch.get_num_threads(),
         python=platform.python_version(),
         torch=torch.__version__,

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from vit.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, open_image, preprocess
+from vit.runtime import usable_cpus
 
 HIDDEN = {"__MACOSX", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini", ".DS_Store"}
 CACHE_SIDE = 256  # cached images are shrunk so their shorter side is at most this
@@ -150,7 +151,7 @@ def scan_folder(
     if cache is None:
         cache = len(all_rel) * CACHE_SIDE * CACHE_SIDE * 3 <= CACHE_BUDGET_BYTES
     jobs = [(str(root), rel, max_pixels, cache) for rel in all_rel]
-    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    workers = workers or min(8, usable_cpus())
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(_decode, jobs, chunksize=32))

@@ -108,8 +108,8 @@ class Classifier:
 
     def preprocess(self, image) -> np.ndarray:
         """PIL image, path or file -> (3, H, W) float32, as training evaluated it."""
-        img = image if isinstance(image, Image.Image) else open_image(image, DEFAULT_MAX_PIXELS, check_extension=False)
-        return preprocess(open_image(img), self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+        img = open_image(image, DEFAULT_MAX_PIXELS, check_extension=False)  # PIL images too: EXIF, mode
+        return preprocess(img, self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, 3, H, W) -> logits (B, K) and attention (B, Gh, Gw) or None."""
