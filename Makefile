@@ -37,9 +37,8 @@ demo: install
 demo-model: install
 	rm -rf runs/demo-data runs/demo
 	$(BIN)/python -m vit.datasets shapes --out runs/demo-data --per-class 1200 --size 64 --seed 0
-	$(BIN)/python train.py --data runs/demo-data --out runs/demo --seed 0 --workers 1 --image-size 32 --patch-size 8 \
-	  --dim 128 --depth 6 --heads 4 --mlp-dim 256 --batch-size 32 --augment none --scale-min 0.7 --erase 0 \
-	  --val-fraction 0.1 --time-budget 12.5 --epochs 60
+	$(BIN)/python train.py --data runs/demo-data --out runs/demo --seed 0 --workers 1 --image-size 48 --patch-size 8 \
+	  --dim 128 --depth 6 --heads 4 --mlp-dim 256 --batch-size 64 --val-fraction 0.1 --time-budget 11 --epochs 60
 	$(BIN)/python -m export runs/demo --out assets/model.onnx --canvas
 	$(BIN)/python benchmarks/demo_accuracy.py --model assets/model.onnx
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ SETTINGS = (  # (flag name, type, help); None as default means "the recipe picks
     ("heads", int, "attention heads"),
     ("mlp_dim", int, "MLP hidden width"),
     ("pool", str, "token (class token, the paper) or avg (mean of patch tokens)"),
+    ("stem", str, "patch (the paper's linear patch embedding) or conv (its hybrid: a small CNN stem)"),
     ("epochs", int, "epochs (an upper bound when a time budget is set)"),
     ("time_budget", float, "minutes: fit the number of epochs to this wall-clock budget (0: off)"),
     ("batch_size", int, "images per optimizer step per process (before accumulation)"),
@@ -51,6 +53,14 @@ SETTINGS = (  # (flag name, type, help); None as default means "the recipe picks
     ("interpolation", str, "resize interpolation: bicubic, bilinear, nearest or lanczos"),
     ("crop_pct", float, "evaluation centre crop fraction"),
 )
+
+# Settings that pretrained weights decide, so they cannot be given with --pretrained.
+ARCHITECTURE = ("model", "dim", "depth", "heads", "mlp_dim", "patch_size", "stem", "pool")
+
+
+def ema_decay_for(steps: int) -> float:
+    """An EMA that averages over about the last 5% of the optimizer steps (within .99-.9998)."""
+    return round(min(0.9998, max(0.99, 1 - 20 / max(steps, 1))), 5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +157,7 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None) -
     steps = cfg["epochs"] * math.ceil(n_train / cfg["batch_size"] / args.grad_accum)
     cfg.setdefault("ema_decay", None)
     if cfg["ema_decay"] is None:
-        cfg["ema_decay"] = round(min(0.9998, max(0.99, 1 - 20 / max(steps, 1))), 5)
+        cfg["ema_decay"] = ema_decay_for(steps)
     from vit.runtime import usable_cpus
 
     cpus = usable_cpus()
@@ -187,6 +197,11 @@ def build_model(cfg: dict, num_classes: int):
             depth=cfg["depth"],
             heads=cfg["heads"],
             mlp_dim=cfg["mlp_dim"],
+            stem=cfg.get("stem") or "patch",
+            # Average pooling goes with no class token and a LayerNorm after pooling (timm's layout).
+            pool=cfg.get("pool") or "token",
+            class_token=cfg.get("pool", "token") != "avg",
+            fc_norm=cfg.get("pool") == "avg",
             **fields,
         )
     )
@@ -271,6 +286,10 @@ def train(args) -> int:
     else:
         if args.data is None or args.out is None:
             raise DataError("pass --data PATH and --out RUN_DIR (or --resume RUN_DIR, or --eval RUN_DIR --data PATH)")
+        shape = [n for n in ARCHITECTURE if getattr(args, n) is not None]
+        if args.pretrained and shape:
+            flags = ", ".join("--" + n.replace("_", "-") for n in shape)
+            raise DataError(f"{flags}: the pretrained weights fix the architecture; leave these out with --pretrained")
         run_dir = args.out
         if (run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists():
             raise DataError(
@@ -354,18 +373,18 @@ def train(args) -> int:
         )
         say("Settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
-    def fit_to_budget(step_time: float, tr) -> None:
-        if not cfg.get("time_budget") or cfg.get("epochs_fitted"):
-            return
-        per_epoch = step_time * tr.steps_per_epoch * (1 + 0.35 * len(val_ds) / max(len(train_ds), 1))
-        left = cfg["time_budget"] * 60 - (time.perf_counter() - t_start)
-        epochs = max(1, min(cfg["epochs"], int(left / per_epoch)))
-        if d.world > 1:
+    def set_epochs(tr, epochs: int, per_epoch: float) -> None:
+        if d.world > 1:  # every process follows rank 0's clock
             t = torch.tensor([epochs], device=device)
             torch.distributed.broadcast(t, 0)
             epochs = int(t.item())
+        if epochs == tr.state.total_epochs and cfg.get("epochs_fitted"):
+            return
         tr.state.total_epochs = epochs
         cfg["epochs_fitted"] = epochs
+        if args.ema_decay is None and tr.ema is not None:  # the EMA's horizon follows the run's length
+            cfg["ema_decay"] = ema_decay_for(epochs * tr.steps_per_epoch)
+            tr.set_ema_decay(cfg["ema_decay"])
         say(
             f"Time budget {cfg['time_budget']:g} min: about {per_epoch:.1f}s per epoch, so {epochs} epochs "
             f"(of at most {cfg['epochs']})"
@@ -373,8 +392,37 @@ def train(args) -> int:
         if d.main:
             files.write_json(run_dir / "config.json", {**run_config, "train": cfg})
 
+    def fit_to_budget(step_time: float, tr) -> None:
+        """A first estimate from the first few steps, so the schedule has a length from the start."""
+        if not cfg.get("time_budget") or cfg.get("epochs_fitted"):
+            return
+        per_epoch = step_time * tr.steps_per_epoch * (1 + 0.35 * len(val_ds) / max(len(train_ds), 1))
+        left = cfg["time_budget"] * 60 - (time.perf_counter() - t_start)
+        set_epochs(tr, max(1, min(cfg["epochs"], int(left / per_epoch))), per_epoch)
+
+    clock = dict(t=time.perf_counter(), epoch_seconds=[])
+
+    def refit_to_budget(tr) -> None:
+        """After each epoch, measured epoch times (training and validation; their median, so one
+        slow epoch does not decide) replace the first estimate, which runs long because the
+        first steps are slow. In the first half of the run the length may grow or shrink; after
+        that it may only shrink, so a machine that slows down does not overrun the budget. A
+        resumed run keeps the length it was given."""
+        now = time.perf_counter()
+        clock["epoch_seconds"].append(now - clock["t"])
+        clock["t"] = now
+        if not cfg.get("time_budget") or resume:
+            return
+        per_epoch = statistics.median(clock["epoch_seconds"])
+        left = cfg["time_budget"] * 60 - (now - t_start)
+        done, total = tr.state.epoch, tr.state.total_epochs
+        fits = done + int(left / per_epoch)
+        epochs = min(cfg["epochs"], fits) if done < total / 2 else min(total, fits)
+        set_epochs(tr, max(done, epochs), per_epoch)
+
     try:
-        state = trainer.fit(say, on_calibrated=fit_to_budget)
+        clock["t"] = time.perf_counter()
+        state = trainer.fit(say, on_calibrated=fit_to_budget, on_epoch_end=refit_to_budget)
     except Stop:
         say(f"\nStopped by signal; checkpoint saved. Continue with: python train.py --resume {run_dir}")
         return 130

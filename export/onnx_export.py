@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vit import files
@@ -57,17 +58,20 @@ class Exportable(nn.Module):
             return self.model(pixel_values)
         logits, attns = self.model.forward_with_attention(pixel_values)
         cfg = self.model.config
+        # Each block's rollout matrix is R = (mean_h A_h + I) / 2; its rows already sum to 1 (softmax
+        # rows do), so no renormalisation is needed, and only one row is ever carried down:
+        # v R = (mean_h (v A_h) + v) / 2 is h vector-matrix products, never an N x N sum.
         v = None  # (B, 1, N): the rolled-out row, built from the last block down
-        for a in reversed(attns):
-            a = a.mean(1)  # (B, h, Nq, N) -> (B, Nq, N)
-            n = a.shape[-1]
-            eye = torch.eye(n, dtype=a.dtype, device=a.device)[: a.shape[1]]  # (Nq, N)
-            a = 0.5 * a + 0.5 * eye
-            a = a / a.sum(-1, keepdim=True)
+        for a in reversed(attns):  # (B, h, Nq, N)
             if v is None:
-                v = a[:, :1] if cfg.class_token else a.mean(1, keepdim=True)
+                n = a.shape[-1]
+                if cfg.class_token:  # the class token's row of R
+                    row, eye = a[:, :, :1].mean(1), F.one_hot(torch.tensor(0), n).to(a.dtype)
+                else:  # the mean row of R
+                    row, eye = a.mean(2).mean(1, keepdim=True), torch.full((n,), 1.0 / n, dtype=a.dtype)
+                v = 0.5 * row + 0.5 * eye
             else:
-                v = v @ a  # (B, 1, N) @ (B, N, N)
+                v = 0.5 * (v.unsqueeze(1) @ a).mean(1) + 0.5 * v  # (B, h, 1, N) -> (B, 1, N)
         grid = v[:, 0, cfg.num_prefix_tokens :].reshape(-1, *cfg.grid_size)  # (B, Gh, Gw)
         grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
         return logits, grid

@@ -176,3 +176,42 @@ def test_runtime_refuses_files_it_cannot_use(tmp_path, run_dir):
     save_proto(to_onnx(model, attention=False), plain)
     with pytest.raises(ModelFileError, match="lacks metadata"):
         Classifier(plain)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_attention_map_is_the_textbook_rollout(pool):
+    """Exportable's one-row rollout equals Abnar & Zuidema's product of full N x N matrices."""
+    from export.onnx_export import Exportable
+    from vit import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        dim=32,
+        depth=3,
+        heads=2,
+        mlp_dim=64,
+        num_classes=4,
+        pool=pool,
+        class_token=pool == "token",
+        fc_norm=pool == "avg",
+    )
+    model = ViT(cfg).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, grid = Exportable(model)(x)
+        _, attns = model.forward_with_attention(x)
+        n = attns[0].shape[-1]
+        rollout = torch.eye(n).expand(3, n, n)
+        for a in attns:
+            a = a.mean(1)  # heads averaged
+            if a.shape[1] < n:  # a class-token model's last block holds only the class token's row
+                a = torch.cat([a, torch.eye(n)[1:].expand(3, n - 1, n)], dim=1)
+            r = 0.5 * a + 0.5 * torch.eye(n)
+            rollout = r / r.sum(-1, keepdim=True) @ rollout
+        row = rollout[:, 0] if pool == "token" else rollout.mean(1)
+        want = row[:, cfg.num_prefix_tokens :].reshape(3, 4, 4)
+        want = want / want.amax(dim=(1, 2), keepdim=True)
+    assert torch.allclose(grid, want, atol=1e-6)
+    assert torch.allclose(logits, model(x), atol=1e-6)

@@ -1,5 +1,6 @@
 """The ViT against timm's VisionTransformer: same weights, same logits, same gradients."""
 
+import dataclasses
 import math
 
 import pytest
@@ -160,6 +161,8 @@ def test_preset_counts_equal_timm():
         (dict(dim=100, heads=3), "not divisible by heads"),
         (dict(class_token=False, pool="token"), "needs class_token"),
         (dict(pool="max"), "pool must be"),
+        (dict(stem="resnet"), "stem must be"),
+        (dict(stem="conv", patch_size=14), "power of 2"),
     ],
 )
 def test_config_rejects_inconsistent_fields(kwargs, message):
@@ -177,3 +180,25 @@ def test_config_round_trips_through_dict():
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown ViTConfig fields"):
         ViTConfig.from_dict({**cfg.to_dict(), "depthh": 3})
+
+
+def test_conv_stem_keeps_the_token_grid_and_refuses_conversion():
+    """The hybrid stem (paper §3.1): same tokens per image as patches, trainable, BN folded in eval."""
+    from vit.convert import save_npz, timm_kwargs, to_timm_state_dict
+
+    cfg = ViTConfig(image_size=(32, 48), patch_size=8, dim=64, depth=2, heads=2, mlp_dim=128, num_classes=3)
+    cfg = dataclasses.replace(cfg, stem="conv")
+    model = ViT(cfg)
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3  # log2(8) stride-2 stages
+    tokens = model.embed(torch.randn(2, 3, 32, 48))
+    assert tokens.shape == (2, 1 + 4 * 6, 64)
+    x, y = torch.randn(4, 3, 32, 48), torch.tensor([0, 1, 2, 0])
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.patch_embed.parameters())
+    model.eval()
+    assert torch.equal(model(x[:1]), model(x[:1]))  # eval: running BN statistics, no batch coupling
+    assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-6)
+    for convert in (lambda: to_timm_state_dict(model), lambda: timm_kwargs(cfg), lambda: save_npz(model, "x.npz")):
+        with pytest.raises(ValueError, match="conv stem"):
+            convert()

@@ -49,6 +49,8 @@ def test_end_to_end_run_writes_everything(shapes_dir, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["labels"] == ["circle", "cross", "square", "triangle"]
     assert cfg["preprocessing"]["image_size"] == [16, 16]
+    m = cfg["model"]  # the recipe's architecture reaches the model (hybrid stem, mean pooling)
+    assert (m["stem"], m["pool"], m["class_token"], m["fc_norm"]) == ("conv", "avg", False, True)
     assert cfg["result"]["best_epoch"] in (1, 2)
     model = ViT(ViTConfig.from_dict(cfg["model"]))
     model.load_state_dict(load_file(out / "model.safetensors"))
@@ -80,6 +82,8 @@ def test_eval_on_another_folder(shapes_dir, tmp_path, capsys):
         (["--resume", "{tmp}/empty"], "holds no resumable run"),
         (["--eval", "{tmp}/empty", "--data", "{tmp}/empty"], "holds no trained model"),
         (["--data", "{data}", "--out", "{tmp}/r", "--model", "Q/16"], "--model 'Q/16'"),
+        (["--data", "{data}", "--out", "{tmp}/r", "--stem", "resnet"], "stem must be 'patch' or 'conv'"),
+        (["--data", "{data}", "--out", "{tmp}/r", "--pretrained", "x.npz", "--dim", "64"], "--dim: the pretrained"),
     ],
 )
 def test_clear_errors_without_traceback(shapes_dir, tmp_path, capsys, args, message):
@@ -121,6 +125,10 @@ def test_overrides_reach_the_saved_config(shapes_dir, tmp_path):
             "24",
             "--patch-size",
             "6",
+            "--stem",
+            "patch",
+            "--pool",
+            "token",
             *TINY_MODEL,
         )
         == 0
@@ -129,6 +137,7 @@ def test_overrides_reach_the_saved_config(shapes_dir, tmp_path):
     t = cfg["train"]
     assert (t["lr"], t["ema"], t["hflip"], t["augment"]) == (0.0042, False, 0, "none")
     assert cfg["model"]["image_size"] == [24, 24] and cfg["model"]["patch_size"] == 6 and cfg["model"]["depth"] == 1
+    assert (cfg["model"]["stem"], cfg["model"]["pool"], cfg["model"]["class_token"]) == ("patch", "token", True)
     assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1") == 2  # the run exists: no overwrite
 
 
@@ -218,3 +227,18 @@ def test_ddp_two_gloo_processes(shapes_dir, tmp_path):
     assert len(metrics(out)) == 2
     assert (out / "model.safetensors").is_file() and time.time() - t0 < 300
     assert res.stdout.count("Best validation accuracy") == 1  # only rank 0 reports
+
+
+def test_time_budget_fits_the_whole_schedule_into_it(shapes_dir, tmp_path, capsys):
+    """--epochs is only an upper bound under a budget: the run is cut to what fits, and its
+    learning-rate schedule still runs to the end (it is fitted, not truncated)."""
+    out = tmp_path / "run"
+    budget_min = 0.1
+    args = ["--data", shapes_dir, "--out", out, "--epochs", "1000", "--workers", "0", *TINY_MODEL]
+    assert run_train(*args, "--time-budget", budget_min, "--lr", "0.001", "--min-lr-ratio", "0.01") == 0
+    t = json.loads((out / "config.json").read_text())["train"]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert 1 <= t["epochs_fitted"] < 1000 and len(rows) == t["epochs_fitted"]
+    assert float(rows[-1]["lr"]) < 0.3 * 0.001  # the cosine ran (nearly) to its end
+    assert "Time budget 0.1 min" in capsys.readouterr().out

@@ -56,13 +56,22 @@ def load_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     model.load_state_dict(state_dict, strict=True)
 
 
+def _patch_stem_only(config: ViTConfig, target: str) -> None:
+    if config.stem != "patch":
+        raise ValueError(
+            f"{target} has no counterpart of the conv stem (stem={config.stem!r}); only stem='patch' converts"
+        )
+
+
 def to_timm_state_dict(model: ViT) -> dict[str, torch.Tensor]:
     """A state dict that timm's ``VisionTransformer`` of the same config loads strictly."""
+    _patch_stem_only(model.config, "timm")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def timm_kwargs(config: ViTConfig) -> dict[str, Any]:
     """Keyword arguments for ``timm.models.vision_transformer.VisionTransformer``."""
+    _patch_stem_only(config, "timm")
     return dict(
         img_size=config.image_size,
         patch_size=config.patch_size,
@@ -397,6 +406,7 @@ def load_npz(
 def save_npz(model: ViT, path: str | os.PathLike) -> None:
     """Write ``model`` in the original Google layout (google-research/vision_transformer)."""
     cfg = model.config
+    _patch_stem_only(cfg, "the Google layout")
     if cfg.fc_norm:
         raise ValueError("the Google layout has no post-pooling LayerNorm (fc_norm=True)")
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}

@@ -192,6 +192,9 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
+    def set_ema_decay(self, decay: float) -> None:
+        self.ema.multi_avg_fn = get_ema_multi_avg_fn(decay)
+
     def set_lr(self) -> float:
         s = self.state
         total = s.total_epochs * self.steps_per_epoch
@@ -328,7 +331,7 @@ class Trainer:
         return out
 
     # ----- the whole run -------------------------------------------------------------
-    def fit(self, log, on_calibrated=None) -> State:
+    def fit(self, log, on_calibrated=None, on_epoch_end=None) -> State:
         s = self.state
         self._install_signals()
         try:
@@ -360,6 +363,8 @@ class Trainer:
                 s.epoch += 1
                 s.step_in_epoch = 0
                 s.sums = State().sums
+                if on_epoch_end is not None:
+                    on_epoch_end(self)
                 if self.d.main:
                     self.append_metrics(row)
                     log(

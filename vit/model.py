@@ -40,6 +40,7 @@ class ViTConfig:
     heads: int = 12  # h: attention heads; head dim d = D / h (64 in every paper variant)
     mlp_dim: int = 3072  # hidden width of the block MLP (Table 1 "MLP size", 4 * D)
     qkv_bias: bool = True  # the paper's Dense layers all have biases; some variants drop them
+    stem: Literal["patch", "conv"] = "patch"  # how images become tokens: see PatchEmbed, ConvStem
     class_token: bool = True  # prepend x_class (Eq. 1); without it pool must be "avg"
     pool: Literal["token", "avg"] = "token"  # y from z_L^0 (Eq. 4) or the mean of patch tokens
     fc_norm: bool = False  # final LayerNorm after pooling instead of before (timm's "avg" models)
@@ -63,6 +64,10 @@ class ViTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {self.pool!r}")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"the conv stem needs a patch size that is a power of 2, got {self.patch_size}")
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' needs class_token=True; use pool='avg' without one")
 
@@ -142,6 +147,36 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, C, H, W) -> (B, D, Gh, Gw)
+        return x.flatten(2).transpose(1, 2)  # -> (B, Gh*Gw, D)
+
+
+class ConvStem(nn.Module):
+    """The paper's hybrid input (§3.1, "Hybrid Architecture"): tokens from a CNN feature map.
+
+    log2(P) stride-2 3x3 convolutions (BatchNorm, ReLU), widening towards D, then a 1x1
+    projection to D, so the token grid is the same H/P x W/P as with patches. This is the
+    stem of Xiao et al. 2021 ("Early Convolutions Help Transformers See Better"), which
+    trains faster and more stably from scratch; it costs a few percent of the encoder's
+    compute. Pretrained ViT weights use ``PatchEmbed``; this stem is for training from scratch.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        stages = patch_size.bit_length() - 1  # log2(P)
+        layers, c_in = [], in_chans
+        for i in range(stages):
+            c_out = max(16, dim >> (stages - i))  # D/2^k, ..., D/2
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+            c_in = c_out
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.stem(x))  # (B, C, H, W) -> (B, D, Gh, Gw)
         return x.flatten(2).transpose(1, 2)  # -> (B, Gh*Gw, D)
 
 
@@ -325,7 +360,8 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = cfg = config
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.dim)
+        stem = ConvStem if cfg.stem == "conv" else PatchEmbed
+        self.patch_embed = stem(cfg.patch_size, cfg.in_chans, cfg.dim)
         # x_class and E_pos of Eq. 1; E_pos covers the class token too, as in the paper.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, cfg.dim))
@@ -356,6 +392,9 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in self.patch_embed.modules():
+            if isinstance(m, nn.Conv2d) and m is not self.patch_embed.proj:  # conv stem: He init
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         w = self.patch_embed.proj.weight  # (D, C, P, P); fan_in = C*P*P
         nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()) / 0.87962566103423978)
         nn.init.zeros_(self.patch_embed.proj.bias)
