@@ -215,3 +215,25 @@ def test_attention_map_is_the_textbook_rollout(pool):
         want = want / want.amax(dim=(1, 2), keepdim=True)
     assert torch.allclose(grid, want, atol=1e-6)
     assert torch.allclose(logits, model(x), atol=1e-6)
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    from export.onnx_export import fit_temperature, softmax
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (4000, 5))  # calibrated logits: labels are drawn from softmax(z)
+    y = np.array([rng.choice(5, p=p) for p in softmax(z)])
+    assert abs(fit_temperature(z, y) - 1.0) < 0.1
+    assert abs(fit_temperature(3 * z, y) - 3.0) < 0.3  # over-confident logits: cooled back down
+    assert abs(fit_temperature(z / 2, y) - 0.5) < 0.05  # under-confident ones (label smoothing): sharpened
+
+
+def test_runtime_applies_the_files_temperature(exported, shapes_dir):
+    from export.onnx_export import softmax
+
+    clf = Classifier(exported[0])
+    t = float(clf.metadata["temperature"])
+    assert 0.05 <= t <= 20 and clf.info()["temperature"] == t
+    image = next(shapes_dir.glob("*/*.png"))
+    logits, _ = clf.run(clf.preprocess(image)[None])
+    assert np.allclose(clf.predict(image).probs, softmax(logits[0] / t), atol=1e-6)

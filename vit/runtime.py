@@ -87,6 +87,7 @@ class Classifier:
         self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
         self.interpolation, self.crop_pct = meta["interpolation"], float(meta["crop_pct"])
         self.threshold = float(meta.get("threshold", 0.0))
+        self.temperature = float(meta.get("temperature", 1.0))  # calibration fitted at export
         self.input_name = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.has_attention = "attention" in self.outputs
@@ -101,6 +102,7 @@ class Classifier:
             image_size=list(self.image_size),
             val_accuracy=m.get("val_accuracy"),
             threshold=self.threshold,
+            temperature=self.temperature,
             quantization=m.get("quantization", "none"),
             exported_at=m.get("exported_at"),
             weights_sha256=m.get("weights_sha256"),
@@ -119,7 +121,8 @@ class Classifier:
     def predict_many(self, images: list, top_k: int = 5) -> list[Prediction]:
         batch = np.stack([self.preprocess(im) for im in images])
         logits, attn = self.run(batch)
-        z = logits - logits.max(1, keepdims=True)
+        z = logits / self.temperature
+        z = z - z.max(1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
         preds = []
         for i, p in enumerate(probs):
