@@ -13,6 +13,7 @@ benchmarks/learning_<machine>.json and prints a markdown table.
 Datasets (nothing is downloaded):
   digits   scikit-learn's bundled handwritten digits: 1,797 images, 8x8 px, 10 classes
   shapes   this package's procedural shapes: 10 classes x 300 images, 32 px
+  shapes64 the same generator at 64 px: 10 classes x 200 images
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def write_shapes(out: Path, per_class: int, size: int) -> Path:
 DATASETS = {
     "digits": write_digits,
     "shapes": lambda out: write_shapes(out, 300, 32),
+    "shapes64": lambda out: write_shapes(out, 200, 64),
 }
 
 
