@@ -188,6 +188,7 @@ def build_model(cfg: dict, num_classes: int):
     for k in ("dim", "depth", "heads", "mlp_dim", "patch_size", "image_size"):
         if cfg.get(k) is None:
             raise ValueError(f"missing model setting {k}")
+    pool = cfg.get("pool") or "token"
     return ViT(
         ViTConfig(
             image_size=cfg["image_size"],
@@ -199,9 +200,9 @@ def build_model(cfg: dict, num_classes: int):
             mlp_dim=cfg["mlp_dim"],
             stem=cfg.get("stem") or "patch",
             # Average pooling goes with no class token and a LayerNorm after pooling (timm's layout).
-            pool=cfg.get("pool") or "token",
-            class_token=cfg.get("pool", "token") != "avg",
-            fc_norm=cfg.get("pool") == "avg",
+            pool=pool,
+            class_token=pool == "token",
+            fc_norm=pool == "avg",
             **fields,
         )
     )
@@ -400,7 +401,7 @@ def train(args) -> int:
         left = cfg["time_budget"] * 60 - (time.perf_counter() - t_start)
         set_epochs(tr, max(1, min(cfg["epochs"], int(left / per_epoch))), per_epoch)
 
-    clock = dict(t=time.perf_counter(), epoch_seconds=[])
+    clock = dict(t=0.0, epoch_seconds=[])  # t: when the current epoch began
 
     def refit_to_budget(tr) -> None:
         """After each epoch, measured epoch times (training and validation; their median, so one
