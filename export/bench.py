@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import OPSET, ort_session, quantize_int8, save_proto, to_onnx
+from export.onnx_export import export_module, ort_session, quantize_int8, save_proto, to_onnx
 from vit.bench import machine
 from vit.convert import timm_kwargs
 from vit.model import ViT, ViTConfig
@@ -50,7 +50,7 @@ def engines_for(variant: str, tmp: Path) -> dict:
     quantize_int8(paths["fp32"], paths["int8"])
     # The anchor: timm's own model through the same exporter and the same quantisation.
     paths["timm_fp32"], paths["timm_int8"] = tmp / "timm_fp32.onnx", tmp / "timm_int8.onnx"
-    save_proto(timm_onnx(ref), paths["timm_fp32"])
+    save_proto(export_module(ref, torch.randn(2, 3, 224, 224), ["logits"]), paths["timm_fp32"])
     quantize_int8(paths["timm_fp32"], paths["timm_int8"])
     sessions = {k: ort_session(v, threads=usable_cpus(), spin=False) for k, v in paths.items()}
 
@@ -73,24 +73,6 @@ def engines_for(variant: str, tmp: Path) -> dict:
         "onnxruntime_fp32_timm": ort_fn(sessions["timm_fp32"]),
         "onnxruntime_int8_timm": ort_fn(sessions["timm_int8"]),
     }, {k: round(v.stat().st_size / 2**20, 2) for k, v in paths.items()}
-
-
-def timm_onnx(model: torch.nn.Module):
-    """timm's VisionTransformer as ONNX (logits only), exported exactly as ours is."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            (torch.randn(1, 3, 224, 224),),
-            dynamo=True,
-            input_names=["pixel_values"],
-            opset_version=OPSET,
-            optimize=True,
-            verbose=False,
-        )
-    return program.model_proto
 
 
 def measure(engines: dict, runs: int, warmup: int, block: int = 5) -> dict[str, list[float]]:

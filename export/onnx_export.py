@@ -29,6 +29,7 @@ from torch import nn
 from vit import files
 from vit.model import ViT, ViTConfig
 from vit.report import expected_calibration_error
+from vit.runtime import softmax
 
 OPSET = 18
 MAX_ABS_LOGIT_DIFF = 1e-4
@@ -80,21 +81,26 @@ class Exportable(nn.Module):
 
 def to_onnx(model: ViT, attention: bool = True) -> onnx.ModelProto:
     """Trace ``model`` (eval mode, fp32) to ONNX with a dynamic batch axis."""
-    wrapper = Exportable(model.float().eval(), attention)
     x = torch.randn(2, model.config.in_chans, *model.config.image_size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     names = ["logits", "attention"] if attention else ["logits"]
+    return export_module(Exportable(model.float().eval(), attention), x, names)
+
+
+def export_module(module: nn.Module, example: torch.Tensor, output_names: list[str]) -> onnx.ModelProto:
+    """Any image model (B, C, H, W) -> ONNX, the way every file here is made: the dynamo
+    exporter, input ``pixel_values`` with a dynamic batch axis, opset ``OPSET``."""
     import warnings
 
+    batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper,
-            (x,),
+            module,
+            (example,),
             dynamo=True,
             input_names=["pixel_values"],
-            output_names=names,
-            dynamic_shapes={"pixel_values": {0: batch}},
+            output_names=output_names,
+            dynamic_shapes=({0: batch},),  # by position: the module's argument may have any name
             opset_version=OPSET,
             optimize=True,
             verbose=False,
@@ -230,11 +236,6 @@ def validation_inputs(run_dir: Path, run: dict, limit: int = 512) -> tuple[np.nd
             f"no validation images found under {root}: the run's data folder is needed to verify the export"
         )
     return np.stack(xs), np.array(ys)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

@@ -218,7 +218,8 @@ def test_attention_map_is_the_textbook_rollout(pool):
 
 
 def test_temperature_scaling_recovers_a_known_temperature():
-    from export.onnx_export import fit_temperature, softmax
+    from export.onnx_export import fit_temperature
+    from vit.runtime import softmax
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, (4000, 5))  # calibrated logits: labels are drawn from softmax(z)
@@ -229,7 +230,7 @@ def test_temperature_scaling_recovers_a_known_temperature():
 
 
 def test_runtime_applies_the_files_temperature(exported, shapes_dir):
-    from export.onnx_export import softmax
+    from vit.runtime import softmax
 
     clf = Classifier(exported[0])
     t = float(clf.metadata["temperature"])

@@ -27,6 +27,12 @@ from vit.imageio import DEFAULT_MAX_PIXELS, open_image, preprocess
 REQUIRED_METADATA = ("labels", "image_size", "mean", "std", "interpolation", "crop_pct")
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, numerically stable."""
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
 class ModelFileError(ValueError):
     """The model file is missing, not ONNX, or not made by ``python -m export``."""
 
@@ -121,9 +127,7 @@ class Classifier:
     def predict_many(self, images: list, top_k: int = 5) -> list[Prediction]:
         batch = np.stack([self.preprocess(im) for im in images])
         logits, attn = self.run(batch)
-        z = logits / self.temperature
-        z = z - z.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        probs = softmax(logits / self.temperature)
         preds = []
         for i, p in enumerate(probs):
             order = np.argsort(-p)[:top_k]
