@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit.data import DataError, scan_folder, split_train_val
-from vit.imageio import BadImage, open_image
+from vit.data import DataError, EvalTransform, cache_side_for, scan_folder, split_train_val
+from vit.imageio import BadImage, open_image, preprocess
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -28,7 +28,7 @@ def add_bad_files(root):
     (d / "random.png").write_bytes(np.random.default_rng(0).bytes(500))
     (d / "empty.png").write_bytes(b"")
     (d / "notes.txt").write_text("not an image")
-    (d / "mislabelled.jpg").write_bytes(good)  # PNG content, .jpg name
+    (d / "mislabelled.jpg").write_bytes(good)  # PNG content, .jpg name: used, with a note
     (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (d / ".ipynb_checkpoints").mkdir()
     (d / ".ipynb_checkpoints" / "x.png").write_bytes(good)
@@ -41,7 +41,6 @@ def add_bad_files(root):
         "circle/truncated.png": "corrupt or truncated",
         "circle/empty.png": "empty file",
         "circle/notes.txt": "not an image file (.txt)",
-        "circle/mislabelled.jpg": "content is PNG but the extension says JPEG",
         "circle/.DS_Store": "hidden file",
         "circle/.ipynb_checkpoints/x.png": "hidden file",
         "circle/huge.png": "over the limit",
@@ -57,7 +56,8 @@ def test_every_bad_file_kind_is_skipped_and_reported(shapes_copy):
         assert fragment in skipped[rel], (rel, skipped[rel])
     assert "__MACOSX" not in scan.classes
     assert scan.classes == ["circle", "cross", "square", "triangle"]
-    assert len(scan.train) == 48  # every good image kept
+    assert len(scan.train) == 49  # every good image kept, the mislabelled PNG among them
+    assert "circle/mislabelled.jpg" not in skipped
     with pytest.raises(DataError, match="unusable files"):
         scan_folder(shapes_copy, strict=True, max_pixels=200 * 200)
 
@@ -134,7 +134,8 @@ def test_split_is_stratified_deterministic_and_keeps_duplicates_together(shapes_
     a = split_train_val(scan, 0.25, seed=3)
     assert a == split_train_val(scan, 0.25, seed=3)
     assert a[:2] != split_train_val(scan, 0.25, seed=4)[:2]
-    train, val, notes = a
+    train, val, test, notes = a
+    assert test == []
     assert {lab for _, lab in val} == set(range(4))  # every class validated
     train_hashes = {scan.hashes[r] for r, _ in train}
     assert not any(scan.hashes[r] in train_hashes for r, _ in val)
@@ -148,6 +149,111 @@ def test_given_val_folder_is_used_and_cleaned_of_train_copies(tmp_path):
     shutil.copy(root / "train" / "b" / "0.png", root / "validation" / "b" / "dup.png")
     Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "validation" / "b" / "w.png")
     scan = scan_folder(root)
-    train, val, notes = split_train_val(scan)
+    train, val, _, notes = split_train_val(scan)
     assert sorted(r for r, _ in val) == ["validation/a/v.png", "validation/b/w.png"]
     assert any("identical to train" in n for n in notes)
+
+
+def test_content_decides_not_the_extension(tmp_path):
+    """Item 4: a PNG saved as .jpg, a WebP saved as .png and a JPEG without an extension are used."""
+    root = _mk(tmp_path / "d", {"a": 2, "b": 2})
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    (root / "a" / "really_png.jpg").write_bytes(png_bytes(img, "PNG"))
+    (root / "b" / "really_webp.png").write_bytes(png_bytes(img, "WEBP"))
+    (root / "b" / "download").write_bytes(png_bytes(img, "JPEG"))
+    scan = scan_folder(root)
+    used = {r for r, _ in scan.train}
+    assert {"a/really_png.jpg", "b/really_webp.png", "b/download"} <= used and not scan.skipped
+    notes = dict(scan.notes)
+    assert "content is PNG" in notes["a/really_png.jpg"] and "WEBP" in notes["b/really_webp.png"]
+    assert "JPEG image with the extension (none)" in notes["b/download"]
+
+
+@pytest.mark.parametrize(
+    "folders, classes, layout",
+    [
+        # Item 5: folders named train/val/test among classes are classes.
+        ({"train": 2, "cat": 2, "dog": 2}, ["cat", "dog", "train"], "read as classes"),
+        ({"train": 2, "val": 2}, ["train", "val"], "one sub-folder per class"),  # images directly inside: classes
+        ({"test": 2, "val": 2, "dog": 2}, ["dog", "test", "val"], "read as classes"),
+        # Unambiguous split folders.
+        ({"train/a": 2, "train/b": 2, "val/a": 1, "val/b": 1}, ["a", "b"], "val/ to validate on"),
+        ({"train/a": 3, "train/b": 3, "test/a": 1, "test/b": 1}, ["a", "b"], "test/ held out"),
+    ],
+)
+def test_layout_is_read_unambiguously_and_said(tmp_path, folders, classes, layout):
+    scan = scan_folder(_mk(tmp_path / "d", folders))
+    assert scan.classes == classes and layout in scan.layout
+
+
+def test_test_folder_is_held_out_and_cleaned_of_copies(tmp_path):
+    root = _mk(tmp_path / "d", {"train/a": 4, "train/b": 4, "test/a": 0, "test/b": 0})
+    Image.new("RGB", (8, 8), (7, 70, 7)).save(root / "test" / "a" / "t.png")
+    shutil.copy(root / "train" / "b" / "1.png", root / "test" / "b" / "leak.png")
+    Image.new("RGB", (8, 8), (7, 7, 70)).save(root / "test" / "b" / "u.png")
+    scan = scan_folder(root)
+    split = split_train_val(scan, 0.25, seed=0)
+    assert [r for r, _ in split.test] == ["test/a/t.png", "test/b/u.png"]
+    assert not {r for r, _ in split.test} & {r for r, _ in split.train + split.val}
+    assert any("test images identical" in n for n in split.notes)
+
+
+def test_a_large_duplicate_group_cannot_fill_validation(tmp_path):
+    """Item 7: 30 identical files and 10 distinct ones in a class: validation keeps about its share."""
+    root = _mk(tmp_path / "d", {"a": 10, "b": 40})
+    dup = png_bytes(Image.new("RGB", (8, 8), (1, 200, 3)))
+    for i in range(30):
+        (root / "a" / f"dup{i}.png").write_bytes(dup)
+    scan = scan_folder(root)
+    for seed in range(5):
+        train, val, _, _ = split_train_val(scan, 0.15, seed=seed)
+        val_a = [r for r, y in val if y == 0]
+        assert 1 <= len(val_a) <= round(0.15 * 40), (seed, len(val_a))  # never the 30-file group
+        assert not any("dup" in r for r in val_a)
+
+
+def test_max_pixels_can_raise_the_limit_above_pils_default(tmp_path, monkeypatch):
+    """Item 14: PIL's own module-wide limit no longer decides when a larger one is asked for."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # stands in for PIL's 89.5 MP
+    path = tmp_path / "big.png"
+    Image.new("RGB", (60, 60)).save(path)  # 3,600 pixels: over PIL's limit (twice over: an error in PIL)
+    assert open_image(path, max_pixels=5000).size == (60, 60)
+    with pytest.raises(BadImage, match="over the limit of 3,000"):
+        open_image(path, max_pixels=3000)
+    assert PILImage.MAX_IMAGE_PIXELS == 1000  # restored
+
+
+def test_cache_keeps_the_resolution_the_model_needs(tmp_path):
+    """Item 3: for a 384 px model at crop 0.875 the cache keeps 438 px, and validation on the
+    cache equals the runtime's preprocessing of the file itself."""
+    root = _mk(tmp_path / "d", {"a": 0, "b": 0})
+    rng = np.random.default_rng(2)
+    for c in ("a", "b"):
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (600, 500, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    side = cache_side_for((384, 384), 0.875)
+    scan = scan_folder(root, cache=True, cache_side=side)
+    cached = scan.images["a/0.png"]
+    assert min(cached.size) == side == 438
+    args = ((384, 384), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875, "bicubic")
+    from_cache = EvalTransform(*args)(cached).numpy()
+    from_disk = preprocess(open_image(root / "a" / "0.png"), *args)
+    assert np.abs(from_cache - from_disk).max() <= 1e-6
+    small = scan_folder(root, cache=True, cache_side=1000)  # never upsampled
+    assert small.images["a/0.png"].size == (500, 600)
+
+
+def test_everything_handed_to_loader_workers_pickles(shapes_dir):
+    """Item 1: spawn and forkserver pickle the dataset and its transforms."""
+    import pickle
+
+    from vit.data import FolderDataset, eval_transform, train_transform
+
+    scan = scan_folder(shapes_dir)
+    et = eval_transform((16, 16), [0.5] * 3, [0.5] * 3, 1.0, "bicubic")
+    tt = train_transform((16, 16), [0.5] * 3, [0.5] * 3, "bicubic", "trivial", 0.5, 0.5, 0.25)
+    for ds in (FolderDataset(scan, scan.train, et), FolderDataset(scan, scan.train, tt)):
+        back = pickle.loads(pickle.dumps(ds))
+        assert back[0][0].shape == ds[0][0].shape == (3, 16, 16)

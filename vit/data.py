@@ -1,33 +1,51 @@
 """Image folders: scan and check them, split them, and feed them to training.
 
 Layouts accepted (class names are folder names, in sorted order):
-    ROOT/<class>/<image>                  one folder per class; a validation split is made
-    ROOT/train/<class>/..., ROOT/val/...   (or validation/) the split is the user's
+    ROOT/<class>/<image>                    one folder per class; a validation split is made
+    ROOT/train/<class>/..., ROOT/val/...    (or validation/) the split is the user's
+    ROOT/train/..., ROOT/test/...           (with or without val/) test/ is held out: never
+                                            used for any choice, only reported
 
-Every file is decoded once during the scan, by ``vit.imageio.open_image``; files that
-cannot be used are skipped and reported, never fatal (``strict`` makes them fatal).
-Small datasets keep their decoded images in memory, so epochs don't re-decode.
+ROOT is read as split folders only when its sub-folders are nothing but train/, val/ (or
+validation/) and test/, so a class that happens to be called "test" is still a class; the
+reading chosen is stated in ``FolderScan.layout``.
+
+Every file is decoded once during the scan, by ``vit.imageio.decode_image``, by content (a
+PNG named .jpg is a PNG, and noted); files that cannot be decoded are skipped and reported,
+never fatal (``strict`` makes them fatal). Datasets that fit in memory keep their decoded
+images there, shrunk to the side the model's evaluation resize needs
+(``cache_side_for``), so epochs don't re-decode and nothing is ever upsampled.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from vit.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, open_image, preprocess
-from vit.runtime import usable_cpus
+from vit.cpus import usable_cpus
+from vit.imageio import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    BadImage,
+    decode_image,
+    extension_note,
+    open_image,
+    preprocess,
+)
 
 HIDDEN = {"__MACOSX", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini", ".DS_Store"}
-CACHE_SIDE = 256  # cached images are shrunk so their shorter side is at most this
+SPLIT_DIRS = ("train", "val", "validation", "test")
 CACHE_BUDGET_BYTES = 4 * 2**30  # beyond this the dataset is read from disk every epoch
 
 
@@ -43,7 +61,10 @@ class FolderScan:
     classes: list[str]
     train: list[tuple[str, int]]  # (path relative to root, class index)
     val: list[tuple[str, int]] | None  # None: no val/ folder, a split must be made
+    test: list[tuple[str, int]] | None = None  # ROOT/test/: held out, never used for a choice
+    layout: str = ""  # how ROOT was read, in words
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (relative path, note): used anyway
     hashes: dict[str, str] = field(default_factory=dict)  # relative path -> content hash
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # relative path -> (w, h)
     images: dict[str, Image.Image] | None = None  # decoded (and shrunk) images, if cached
@@ -63,6 +84,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _list_files(root: Path, class_dir: Path, skipped: list) -> list[str]:
+    """Every non-hidden file under ``class_dir``: the content, not the name, decides what is an image."""
     out = []
     for p in sorted(class_dir.rglob("*")):
         rel = p.relative_to(root)
@@ -71,30 +93,139 @@ def _list_files(root: Path, class_dir: Path, skipped: list) -> list[str]:
                 skipped.append((rel.as_posix(), "hidden file"))
             continue
         if p.is_file():
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(rel.as_posix())
-            else:
-                skipped.append((rel.as_posix(), f"not an image file ({p.suffix or 'no extension'})"))
+            out.append(rel.as_posix())
     return out
 
 
-def _decode(args: tuple[str, str, int, bool]) -> tuple[str, str | None, tuple[int, int] | None, object, str | None]:
-    """Worker: (rel, hash, (w, h), image or None, error) for one file."""
-    root, rel, max_pixels, keep = args
+def ignore_stop_signals(*_) -> None:
+    """Worker initializer: Ctrl-C in a terminal (and SIGTERM to the process group) reaches every
+    process; only the main one decides to stop, and then it shuts its workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def cache_side_for(image_size: tuple[int, int], crop_pct: float) -> int:
+    """The shorter side a cached image needs: what the evaluation resize makes of it
+    (``vit.imageio.resize_for_eval``), so validation on the cache equals the runtime."""
+    H, W = image_size
+    return math.floor(H / crop_pct) if H == W else math.ceil(max(H, W) / crop_pct)
+
+
+def shrink(img: Image.Image, side: int) -> Image.Image:
+    """Shorter side down to ``side`` with the evaluation resize's rounding; never up."""
+    w, h = img.size
+    if min(w, h) <= side:
+        return img
+    new = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    return img.resize(new, Image.Resampling.BICUBIC)
+
+
+def _decode(args: tuple[str, str, int, int | None]):
+    """Worker: (rel, hash, (w, h), image or None, error, note) for one file."""
+    root, rel, max_pixels, cache_side = args
     path = Path(root) / rel
     try:
+        img, fmt = decode_image(path, max_pixels=max_pixels)
         digest = hashlib.sha1(path.read_bytes()).hexdigest()
-        img = open_image(path, max_pixels=max_pixels)
     except BadImage as e:
-        return rel, None, None, None, str(e).split(": ", 1)[-1]
+        why = str(e).split(": ", 1)[-1]
+        if path.suffix.lower() not in IMAGE_EXTENSIONS and why.startswith("not an image"):
+            why = f"not an image file ({path.suffix or 'no extension'})"
+        return rel, None, None, None, why, None
     except OSError as e:
-        return rel, None, None, None, f"unreadable ({e.strerror or e})"
+        return rel, None, None, None, f"unreadable ({e.strerror or e})", None
     size = img.size
-    if keep:
-        s = CACHE_SIDE / min(size)
-        if s < 1:
-            img = img.resize((max(1, round(size[0] * s)), max(1, round(size[1] * s))), Image.Resampling.BICUBIC)
-    return rel, digest, size, (img if keep else None), None
+    note = extension_note(path.name, fmt)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        note = f"{fmt} image with the extension {path.suffix or '(none)'}"
+    cached = shrink(img, cache_side) if cache_side else None
+    return rel, digest, size, cached, None, note
+
+
+@dataclass
+class Layout:
+    class_root: Path  # the folder whose sub-folders are the classes (for training)
+    val_dir: Path | None
+    test_dir: Path | None
+    description: str
+
+
+def detect_layout(root: Path) -> Layout:
+    """ROOT/{train,val,test}/<class>/ only when ROOT holds nothing but such folders and
+    train/ has class folders; otherwise every sub-folder of ROOT is a class."""
+    subs = {p.name.lower(): p for p in _class_dirs(root)}
+    train = subs.get("train")
+    if train is not None and set(subs) <= set(SPLIT_DIRS) and _class_dirs(train):
+        if "val" in subs and "validation" in subs:
+            raise DataError(f"{root} has both val/ and validation/: keep one")
+        val, test = subs.get("val") or subs.get("validation"), subs.get("test")
+        parts = [f"{train.name}/ to train on"]
+        parts.append(f"{val.name}/ to validate on" if val else "a validation split made from it")
+        if test:
+            parts.append(f"{test.name}/ held out as a test set")
+        return Layout(train, val, test, f"split folders: {', '.join(parts)}")
+    described = "one sub-folder per class"
+    named = sorted(n for n in subs if n in SPLIT_DIRS)
+    if named:
+        described += (
+            f" (the folders {', '.join(named)} are read as classes; for split folders, {root} must "
+            "hold only train/, val/ and test/, each with one sub-folder per class)"
+        )
+    return Layout(root, None, None, described)
+
+
+def _held_out_files(root: Path, layout: Layout, classes: list[str], skipped: list) -> dict[str, dict]:
+    """{"val" / "test": {class: files}} for the split folders the layout has."""
+    held = {}
+    for which, folder in (("val", layout.val_dir), ("test", layout.test_dir)):
+        if folder is None:
+            continue
+        names = [d.name for d in _class_dirs(folder)]
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise DataError(f"{folder.name}/ has classes that {layout.class_root.name}/ lacks: {unknown}")
+        held[which] = {c: _list_files(root, folder / c, skipped) for c in names}
+        if not any(held[which].values()):
+            raise DataError(f"{folder} holds no images: add images to {folder.name}/<class>/, or remove it")
+    return held
+
+
+def _check_usable(classes, train, val, test, layout: Layout, min_per_class: int) -> None:
+    counts = Counter(label for _, label in train + (val or []))
+    too_few = [f"{c} ({counts[i]})" for i, c in enumerate(classes) if counts[i] < min_per_class]
+    if too_few:
+        raise DataError(
+            f"classes with fewer than {min_per_class} usable images: {', '.join(too_few)}. "
+            "Add images to them, or remove those folders"
+        )
+    for folder, items in ((layout.val_dir, val), (layout.test_dir, test)):
+        if items is not None and not items:
+            raise DataError(f"no usable images in {folder}: see the skipped files above")
+
+
+def _decode_all(root: Path, rels: list[str], max_pixels: int, cache_side: int | None, workers: int | None):
+    """Decode every file once, in worker processes for many files: (hashes, sizes, images or
+    None, [(rel, note or skip reason)]); a file with no hash was skipped for that reason."""
+    jobs = [(str(root), rel, max_pixels, cache_side) for rel in rels]
+    workers = workers or min(8, usable_cpus())
+    if workers > 1 and len(jobs) > 64:
+        with ProcessPoolExecutor(workers, initializer=ignore_stop_signals) as pool:
+            results = list(pool.map(_decode, jobs, chunksize=32))
+    else:
+        results = [_decode(j) for j in jobs]
+    hashes, sizes, images, said = {}, {}, ({} if cache_side else None), []
+    for rel, digest, size, img, err, note in results:
+        if err is not None:
+            said.append((rel, err))
+            continue
+        hashes[rel], sizes[rel] = digest, size
+        if note:
+            said.append((rel, note))
+        if images is not None:
+            images[rel] = img
+    return hashes, sizes, images, said
 
 
 def scan_folder(
@@ -105,24 +236,21 @@ def scan_folder(
     workers: int | None = None,
     min_classes: int = 2,
     min_per_class: int = 2,
+    cache_side: int = 256,
 ) -> FolderScan:
     """Find classes and images under ``root``, decode each once, and check the result.
 
-    ``cache``: keep decoded images in memory (None: when they fit the memory budget).
+    ``cache``: keep decoded images in memory (None: when they fit the memory budget), with
+    their shorter side shrunk to ``cache_side`` (see ``cache_side_for``).
     Raises ``DataError`` for layouts training cannot use.
     """
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().resolve()
     if not root.exists():
         raise DataError(f"{root} does not exist: pass the folder that holds one sub-folder per class")
     if not root.is_dir():
         raise DataError(f"{root} is a file: pass the folder that holds one sub-folder per class")
-    sub = {p.name.lower(): p for p in _class_dirs(root)}
-    val_dir = sub.get("val") or sub.get("validation")
-    train_dir = sub.get("train")
-    if val_dir is not None and train_dir is None:
-        raise DataError(f"{root} has {val_dir.name}/ but no train/: add train/<class>/ folders")
-    split_given = train_dir is not None and val_dir is not None
-    class_root = train_dir if train_dir is not None else root
+    layout = detect_layout(root)
+    class_root = layout.class_root
 
     skipped: list[tuple[str, str]] = []
     class_dirs = _class_dirs(class_root)
@@ -137,35 +265,14 @@ def scan_folder(
     if len(classes) < min_classes:
         raise DataError(f"only one class ({classes[0]!r}) in {class_root}: a classifier needs at least two")
     files = {c: _list_files(root, d, skipped) for c, d in zip(classes, class_dirs)}
-    val_files: dict[str, list[str]] = {}
-    if split_given:
-        val_classes = [d.name for d in _class_dirs(val_dir)]
-        unknown = sorted(set(val_classes) - set(classes))
-        if unknown:
-            raise DataError(f"{val_dir.name}/ has classes that train/ lacks: {unknown}")
-        val_files = {c: _list_files(root, val_dir / c, skipped) for c in val_classes}
-        if not any(val_files.values()):
-            raise DataError(f"{val_dir} holds no images: add images to {val_dir.name}/<class>/, or remove it")
+    held = _held_out_files(root, layout, classes, skipped)
 
-    all_rel = [r for fs in files.values() for r in fs] + [r for fs in val_files.values() for r in fs]
+    all_rel = [r for fs in (files, *held.values()) for rs in fs.values() for r in rs]
     if cache is None:
-        cache = len(all_rel) * CACHE_SIDE * CACHE_SIDE * 3 <= CACHE_BUDGET_BYTES
-    jobs = [(str(root), rel, max_pixels, cache) for rel in all_rel]
-    workers = workers or min(8, usable_cpus())
-    if workers > 1 and len(jobs) > 64:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_decode, jobs, chunksize=32))
-    else:
-        results = [_decode(j) for j in jobs]
-
-    hashes, sizes, images = {}, {}, ({} if cache else None)
-    for rel, digest, size, img, err in results:
-        if err is not None:
-            skipped.append((rel, err))
-            continue
-        hashes[rel], sizes[rel] = digest, size
-        if images is not None:
-            images[rel] = img
+        cache = len(all_rel) * cache_side * cache_side * 3 <= CACHE_BUDGET_BYTES
+    hashes, sizes, images, notes = _decode_all(root, all_rel, max_pixels, cache_side if cache else None, workers)
+    skipped += [(rel, why) for rel, why in notes if rel not in hashes]
+    notes = [(rel, note) for rel, note in notes if rel in hashes]
     if strict and skipped:
         listing = "\n".join(f"  {rel}: {why}" for rel, why in skipped[:20])
         raise DataError(f"{len(skipped)} unusable files (--strict):\n{listing}")
@@ -173,26 +280,27 @@ def scan_folder(
     def usable(fs: dict[str, list[str]]) -> list[tuple[str, int]]:
         return [(r, classes.index(c)) for c, rs in fs.items() for r in rs if r in hashes]
 
-    train, val = usable(files), (usable(val_files) if split_given else None)
-    counts = Counter(label for _, label in train + (val or []))
-    too_few = [f"{c} ({counts[i]})" for i, c in enumerate(classes) if counts[i] < min_per_class]
-    if too_few:
-        raise DataError(
-            f"classes with fewer than {min_per_class} usable images: {', '.join(too_few)}. "
-            "Add images to them, or remove those folders"
-        )
-    if split_given and not val:
-        raise DataError(f"no usable images in {val_dir}: see the skipped files above")
-    return FolderScan(root, classes, train, val, skipped, hashes, sizes, images)
+    train = usable(files)
+    val = usable(held["val"]) if "val" in held else None
+    test = usable(held["test"]) if "test" in held else None
+    _check_usable(classes, train, val, test, layout, min_per_class)
+    return FolderScan(root, classes, train, val, test, layout.description, skipped, notes, hashes, sizes, images)
 
 
-def split_train_val(
-    scan: FolderScan, val_fraction: float = 0.15, seed: int = 0
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+class Split(NamedTuple):
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]  # empty without a test/ folder
+    notes: list[str]
+
+
+def split_train_val(scan: FolderScan, val_fraction: float = 0.15, seed: int = 0) -> Split:
     """Stratified, seeded split; identical files (same content hash) stay on one side.
 
-    Returns (train, val, warnings). With a user-given val/ folder, val files identical to
-    a train file are dropped from val instead.
+    With a user-given val/ folder, val files identical to a train file are dropped from val
+    instead; test/ files identical to a train or validation file are dropped from test.
+    A group of identical files goes to validation only if it fits in the class's share
+    there, so one large group cannot fill validation with most of a class.
     """
     notes = []
     by_hash: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -209,8 +317,26 @@ def split_train_val(
             notes.append(f"dropped {len(scan.val) - len(val)} val images identical to train images")
         if not val:
             raise DataError("every val image is a copy of a train image: the validation split would be empty")
-        return list(scan.train), val, notes
+        train = list(scan.train)
+    else:
+        train, val = _split_groups(by_hash, val_fraction, seed)
+        dups = sum(len(g) - 1 for g in by_hash.values())
+        if dups:
+            notes.append(f"{dups} duplicate files (identical content) kept on one side of the split")
+    test = list(scan.test or [])
+    if test:
+        seen = {scan.hashes[r] for r, _ in scan.train + (scan.val or [])}
+        kept = [(r, lab) for r, lab in test if scan.hashes[r] not in seen]
+        if len(kept) < len(test):
+            notes.append(f"dropped {len(test) - len(kept)} test images identical to training or validation images")
+        if not kept:
+            raise DataError("every test image is a copy of a training image: the test set would be empty")
+        test = kept
+    return Split(sorted(train), sorted(val), sorted(test), notes)
 
+
+def _split_groups(by_hash: dict, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Per class: shuffled duplicate groups go to validation while they fit in its share."""
     groups: dict[int, list[list[tuple[str, int]]]] = defaultdict(list)  # label -> duplicate groups
     for g in by_hash.values():
         g = sorted(g)
@@ -222,16 +348,19 @@ def split_train_val(
         rng.shuffle(gs)
         n = sum(len(g) for g in gs)
         n_val = min(max(1, round(val_fraction * n)), n - 1)
-        taken = 0
+        picked, taken = [], 0
         for g in gs:
-            side = val if taken < n_val and len(gs) > 1 and (taken + len(g) < n) else train
-            side.extend(g)
-            if side is val:
+            if taken + len(g) <= n_val:
+                picked.append(g)
                 taken += len(g)
-    dups = sum(len(g) - 1 for g in by_hash.values())
-    if dups:
-        notes.append(f"{dups} duplicate files (identical content) kept on one side of the split")
-    return sorted(train), sorted(val), notes
+        if not picked and len(gs) > 1:  # every group is larger than the share: the smallest one,
+            smallest = min(gs, key=len)  # if it leaves most of the class to train on
+            if len(smallest) <= n // 2:
+                picked.append(smallest)
+        picked_ids = {id(g) for g in picked}
+        for g in gs:
+            (val if id(g) in picked_ids else train).extend(g)
+    return train, val
 
 
 def class_table(classes: list[str], items: list[tuple[str, int]]) -> tuple[str, str | None]:
@@ -343,10 +472,21 @@ def train_transform(
     return T.Compose(ops)
 
 
-def eval_transform(size: tuple[int, int], mean, std, crop_pct: float, interpolation: str):
-    """The evaluation transform of ``vit.imageio.preprocess``, as a tensor."""
+@dataclass(frozen=True)
+class EvalTransform:
+    """The evaluation transform of ``vit.imageio.preprocess``, as a tensor. A plain class, not a
+    closure, so DataLoader workers started by spawn or forkserver (macOS, Windows, Python 3.14
+    on Linux) can receive it."""
 
-    def apply(img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(preprocess(img, size, mean, std, crop_pct, interpolation))
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    interpolation: str
 
-    return apply
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess(img, self.size, self.mean, self.std, self.crop_pct, self.interpolation))
+
+
+def eval_transform(size: tuple[int, int], mean, std, crop_pct: float, interpolation: str) -> EvalTransform:
+    return EvalTransform(tuple(size), tuple(mean), tuple(std), crop_pct, interpolation)

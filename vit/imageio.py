@@ -7,6 +7,7 @@ an image is decoded and preprocessed identically wherever it is classified.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
 
@@ -48,12 +49,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, check_extension: bool = True) -> Image.Image:
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_with_limit(source, max_pixels: int) -> Image.Image:
+    """``Image.open`` with PIL's decompression-bomb limit set to ``max_pixels``, either way.
+
+    PIL checks its own module-wide limit (89.5 MP) inside ``Image.open``, so a larger
+    ``max_pixels`` would never be reached without this; the lock keeps concurrent opens
+    (the app's threads) from seeing each other's limit. Only the header is read here.
+    """
+    with _PIXEL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def decode_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
     """Decode a file path, file object or PIL image into an upright 8-bit RGB image.
 
-    EXIF orientation is applied, animations give their first frame, and files that are
-    empty, truncated, corrupt, over ``max_pixels`` or not what their extension says raise
-    ``BadImage`` with a sentence that says why.
+    Returns (image, format as PIL read it from the content, or None for a PIL image).
+    The content decides, not the file name: a PNG saved as ``.jpg`` decodes as the PNG it
+    is. EXIF orientation is applied, animations give their first frame, and files that are
+    empty, truncated, corrupt or over ``max_pixels`` raise ``BadImage`` with a sentence
+    that says why.
     """
     name = None
     if isinstance(source, (str, Path)):
@@ -66,29 +88,37 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, check_extension: bo
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = source if isinstance(source, Image.Image) else Image.open(source)
+            img = source if isinstance(source, Image.Image) else _open_with_limit(source, max_pixels)
+            fmt = img.format if not isinstance(source, Image.Image) else None
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImage(f"{name or 'image'}: {w}x{h} pixels is over the limit of {max_pixels:,}")
-            if check_extension and name is not None:
-                expected = IMAGE_EXTENSIONS.get(Path(name).suffix.lower())
-                if expected is None:
-                    raise BadImage(f"{name}: not an image file extension")
-                if img.format and img.format not in FORMAT_ALIASES.get(expected, {expected}):
-                    raise BadImage(f"{name}: content is {img.format} but the extension says {expected}")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated: the first frame
             img.load()
             img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(img), fmt
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"{name or 'image'}: too many pixels ({e})") from None
+        raise BadImage(f"{name or 'image'}: too many pixels, over the limit of {max_pixels:,} ({e})") from None
     except Image.UnidentifiedImageError:
         raise BadImage(f"{name or 'input'}: not an image, or a format this reader does not know") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"{name or 'image'}: corrupt or truncated ({e})") from None
+
+
+def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """``decode_image`` without the format: an upright 8-bit RGB image, or ``BadImage``."""
+    return decode_image(source, max_pixels)[0]
+
+
+def extension_note(name: str, fmt: str | None) -> str | None:
+    """A sentence when a file's content is not what its extension says (it is still used)."""
+    expected = IMAGE_EXTENSIONS.get(Path(name).suffix.lower())
+    if fmt is None or expected is None or fmt in FORMAT_ALIASES.get(expected, {expected}):
+        return None
+    return f"content is {fmt} but the extension says {expected}; decoded as {fmt}"
 
 
 def resize_for_eval(img: Image.Image, size: tuple[int, int], crop_pct: float, interpolation: str) -> Image.Image:
