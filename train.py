@@ -4,66 +4,29 @@
     python train.py --data PATH --out RUN_DIR --pretrained vit_small_patch16_224.augreg_in21k
     python train.py --resume RUN_DIR                          # continue a stopped run
     python train.py --eval RUN_DIR --data OTHER_PATH          # the same report on another folder
+    python train.py --eval MODEL.onnx --data OTHER_PATH       # ... for an exported file, as the app runs it
     torchrun --nproc_per_node 4 train.py --data PATH --out RUN_DIR   # several GPUs (or CPUs)
 
 RUN_DIR receives model.safetensors (best weights), config.json (model, labels in class
-order, preprocessing, resolved settings), metrics.csv, split.json, checkpoint.pt
-(resumable) and the report (report.md and PNGs).
+order, preprocessing, resolved settings, result), metrics.csv, split.json, skipped.json,
+checkpoint.pt (resumable) and the report (report.md and PNGs; test/report.md for a
+held-out test/ folder). Settings are vit.config.TrainConfig's fields.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
-SETTINGS = (  # (flag name, type, help); None as default means "the recipe picks"
-    ("model", str, "named variant such as Ti/16, S/16, B/16 (sets width, depth, heads, patch)"),
-    ("image_size", int, "input height and width in pixels"),
-    ("patch_size", int, "patch size P"),
-    ("dim", int, "token width D"),
-    ("depth", int, "number of encoder blocks"),
-    ("heads", int, "attention heads"),
-    ("mlp_dim", int, "MLP hidden width"),
-    ("pool", str, "token (class token, the paper) or avg (mean of patch tokens)"),
-    ("stem", str, "patch (the paper's linear patch embedding) or conv (its hybrid: a small CNN stem)"),
-    ("epochs", int, "epochs (an upper bound when a time budget is set)"),
-    ("time_budget", float, "minutes: fit the number of epochs to this wall-clock budget (0: off)"),
-    ("batch_size", int, "images per optimizer step per process (before accumulation)"),
-    ("lr", float, "peak learning rate"),
-    ("min_lr_ratio", float, "final learning rate as a fraction of the peak"),
-    ("weight_decay", float, "AdamW weight decay"),
-    ("warmup_epochs", int, "linear warmup epochs"),
-    ("label_smoothing", float, "label smoothing"),
-    ("augment", str, "trivial (TrivialAugment), randaugment or none"),
-    ("scale_min", float, "smallest area fraction of the random resized crop"),
-    ("hflip", float, "horizontal flip probability (0 for text, digits, arrows ...)"),
-    ("mixup", float, "mixup alpha (0: off)"),
-    ("cutmix", float, "cutmix alpha (0: off)"),
-    ("erase", float, "random erasing probability"),
-    ("drop_path", float, "stochastic depth rate of the last block"),
-    ("dropout", float, "dropout after the position embedding and dense layers"),
-    ("clip_grad", float, "gradient norm clipping (0: off)"),
-    ("ema_decay", float, "decay of the weights' exponential moving average"),
-    ("layer_decay", float, "layer-wise LR decay for fine-tuning (1: off)"),
-    ("interpolation", str, "resize interpolation: bicubic, bilinear, nearest or lanczos"),
-    ("crop_pct", float, "evaluation centre crop fraction"),
-)
-
-# Settings that pretrained weights decide, so they cannot be given with --pretrained.
-ARCHITECTURE = ("model", "dim", "depth", "heads", "mlp_dim", "patch_size", "stem", "pool")
-
-
-def ema_decay_for(steps: int) -> float:
-    """An EMA that averages over about the last 5% of the optimizer steps (within .99-.9998)."""
-    return round(min(0.9998, max(0.99, 1 - 20 / max(steps, 1))), 5)
+import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vit.config import add_flags
+
     p = argparse.ArgumentParser(
         prog="python train.py",
         description=__doc__,
@@ -71,36 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io_ = p.add_argument_group("what to do")
-    io_.add_argument("--data", type=Path, help="image folder: ROOT/<class>/* or ROOT/{train,val}/<class>/*")
+    io_.add_argument(
+        "--data",
+        type=Path,
+        help="image folder: ROOT/<class>/*, or ROOT/train/<class>/* with val/ and test/ beside it",
+    )
     io_.add_argument("--out", type=Path, help="run folder to create")
     io_.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    io_.add_argument("--eval", type=Path, metavar="RUN_DIR", help="evaluate RUN_DIR's model on --data")
+    io_.add_argument(
+        "--eval",
+        type=Path,
+        metavar="RUN_DIR|MODEL.onnx",
+        help="evaluate a run's model, or an exported ONNX file (int8 too), on --data",
+    )
     io_.add_argument(
         "--pretrained",
         metavar="NAME|PATH",
-        help="timm model name (downloads once) or .safetensors/.pth/.npz checkpoint to fine-tune",
+        help="timm model name (downloads once), a run folder of ours, or a .safetensors/.pth/.npz file to fine-tune",
     )
-    rec = p.add_argument_group("settings (default: chosen from the data and printed)")
-    for name, typ, help_ in SETTINGS:
-        rec.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
-    rec.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="keep an EMA of weights")
-    rec.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (RGB)")
-    rec.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (RGB)")
-    run = p.add_argument_group("run")
+    add_flags(p, {"settings": "settings (default: chosen from the data and printed)", "run": "run"})
+    run = p.add_argument_group("machine and data")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 autocast on GPUs that support it, fp32 otherwise",
-    )
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--val-fraction", type=float, default=0.15, help="share of each class held out for validation")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--workers", type=int, default=None, help="data loader processes (default: from the CPUs)")
     run.add_argument("--strict", action="store_true", help="stop on unusable files instead of skipping them")
-    run.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit per image")
+    run.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit per image, up or down")
     run.add_argument(
         "--cache",
         action=argparse.BooleanOptionalAction,
@@ -114,91 +70,143 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def describe_scan(scan, train, val, notes) -> None:
+def describe_scan(scan, split) -> None:
     from vit.data import class_table
 
-    table, warn = class_table(scan.classes, train + val)
-    log(f"Dataset {scan.root}: {len(scan.classes)} classes, {len(train)} train / {len(val)} validation images")
+    table, warn = class_table(scan.classes, split.train + split.val)
+    test = f" / {len(split.test)} test" if split.test else ""
+    log(f"Dataset {scan.root} ({scan.layout})")
+    log(f"{len(scan.classes)} classes, {len(split.train)} train / {len(split.val)} validation{test} images")
     log(table)
     if warn:
         log(f"warning: {warn}")
-    for n in notes:
+    for n in split.notes:
         log(f"note: {n}")
-    if scan.skipped:
-        log(f"skipped {len(scan.skipped)} unusable files:")
-        for rel, why in scan.skipped[:25]:
-            log(f"  {rel}: {why}")
-        if len(scan.skipped) > 25:
-            log(f"  ... and {len(scan.skipped) - 25} more (all listed in RUN_DIR/skipped.json)")
+    for title, rows in (("used anyway", scan.notes), ("skipped", scan.skipped)):
+        if rows:
+            log(f"{title}: {len(rows)} files{':' if title == 'skipped' else ' (noted):'}")
+            for rel, why in rows[:25]:
+                log(f"  {rel}: {why}")
+            if len(rows) > 25:
+                log(f"  ... and {len(rows) - 25} more (all listed in RUN_DIR/skipped.json)")
 
 
-def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None) -> dict:
-    """Recipe defaults from the data, then every flag the user gave on top."""
+# --------------------------------------------------------------------------------------
+# Settings: recipe defaults, then flags; on resume, the run's own
+# --------------------------------------------------------------------------------------
+
+
+def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, world: int):
+    """Recipe defaults from the data (a partial config), then every flag the user gave on top."""
     from vit import recipe
-    from vit.model import PRESETS
+    from vit.config import TrainConfig, given
+    from vit.cpus import usable_cpus
+    from vit.engine import ema_decay_for
+    from vit.model import ViTConfig
 
     if args.pretrained:
-        cfg = recipe.finetune_recipe(n_train, preprocessing)
+        partial = recipe.finetune_recipe(n_train, preprocessing)
     else:
-        cfg = recipe.scratch_recipe(n_train, scan.native_side(), device)
+        partial = recipe.scratch_recipe(n_train, scan.native_side(), device)
     if args.model:
-        name, _, patch = args.model.partition("/")
-        if name not in PRESETS or not patch.isdigit():
-            raise ValueError(f"--model {args.model!r}: use NAME/PATCH with NAME in {sorted(PRESETS)}, e.g. S/16")
-        cfg.update(PRESETS[name], patch_size=int(patch))
-    for name, _, _ in SETTINGS + (("ema", None, None), ("mean", None, None), ("std", None, None)):
-        value = getattr(args, name)
-        if value is not None and name != "model":
-            cfg[name] = value
-    if cfg.get("time_budget") == 0:
-        cfg["time_budget"] = None
-    if cfg.get("layer_decay") == 1:
-        cfg["layer_decay"] = None
-    steps = cfg["epochs"] * math.ceil(n_train / cfg["batch_size"] / args.grad_accum)
-    cfg.setdefault("ema_decay", None)
-    if cfg["ema_decay"] is None:
-        cfg["ema_decay"] = ema_decay_for(steps)
-    from vit.runtime import usable_cpus
-
-    cpus = usable_cpus()
-    workers = args.workers if args.workers is not None else (min(4, cpus - 1) if cpus > 2 else 1)
-    cfg.update(
-        seed=args.seed,
-        grad_accum=args.grad_accum,
-        compile=args.compile,
-        precision=args.precision,
-        device=device,
-        workers=workers,
-        val_fraction=args.val_fraction,
-        pretrained=args.pretrained,
-        data=str(scan.root),
-    )
+        preset = ViTConfig.preset(args.model)  # one parser of "S/16" for the whole project
+        partial.update({k: getattr(preset, k) for k in ("dim", "depth", "heads", "mlp_dim", "patch_size")})
+    flags = given(args)
+    cfg = TrainConfig.from_dict({**partial, **flags})
+    if "epochs" in flags and "time_budget" not in flags and cfg.time_budget:
+        cfg.time_budget = None  # an explicit --epochs is a request for that many epochs
+        cfg.time_budget_note = "off: --epochs was given without --time-budget"
+    if cfg.time_budget == 0:
+        cfg.time_budget = None
+    if cfg.layer_decay == 1:
+        cfg.layer_decay = None
+    cfg.ema_decay_auto = cfg.ema_decay is None
+    if cfg.ema_decay_auto:
+        cfg.ema_decay = ema_decay_for(cfg.epochs * math.ceil(n_train / (cfg.batch_size * world) / cfg.grad_accum))
+    if cfg.workers is None:
+        cpus = usable_cpus()
+        cfg.workers = min(4, cpus - 1) if cpus > 2 else 1
+    cfg.device, cfg.pretrained, cfg.data = device, args.pretrained, str(scan.root)
     return cfg
 
 
-def build_model(cfg: dict, num_classes: int):
-    """A fresh ViT, or pretrained weights with a new head at the run's input size."""
+def pretrained_run(src: str):
+    """Our own run as the starting point: a run folder, or a .safetensors file with the run's
+    config.json beside it. Returns (RunDir, weights path) or None for timm names and other files."""
+    from vit.run import RunDir
+
+    path = Path(src).expanduser()
+    if path.is_dir():
+        run = RunDir(path)
+        run.require_trained()
+        return run, run / RunDir.WEIGHTS
+    if path.suffix == ".safetensors" and path.is_file() and (path.parent / RunDir.CONFIG).is_file():
+        run = RunDir(path.parent)
+        if {"model", "labels", "preprocessing"} <= set(run.config()):
+            return run, path
+    return None
+
+
+def pretrained_preprocessing(src: str) -> tuple[dict, object]:
+    """(preprocessing the pretrained weights expect, a timm module already created or None)."""
+    from vit.convert import CHECKPOINT_SUFFIXES, create_pretrained_timm, timm_preprocessing
+
+    ours = pretrained_run(src)
+    if ours is not None:
+        p = ours[0].config()["preprocessing"]
+        size = p["image_size"]
+        return dict(p, image_size=size[0] if size[0] == size[1] else list(size)), None
+    if Path(src).suffix in CHECKPOINT_SUFFIXES or Path(src).exists():
+        google = Path(src).suffix == ".npz"
+        mean, std = ([0.5] * 3, [0.5] * 3) if google else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        log(f"note: {src} carries no preprocessing; using mean {mean} std {std} (override with --mean/--std)")
+        return dict(mean=mean, std=std, interpolation="bicubic", crop_pct=0.875, image_size=224), None
+    module = create_pretrained_timm(src)
+    prep = timm_preprocessing(module)
+    prep["image_size"] = module.patch_embed.img_size[0]
+    return prep, module
+
+
+def build_model(cfg, classes: list[str], timm_module=None):
+    """A fresh ViT, or pretrained weights at the run's input size with a head for its classes.
+
+    From one of our runs the architecture is read from its config.json, never guessed, and
+    its head is kept when the classes are the same ones in the same order."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
     from vit import ViT, ViTConfig
     from vit.convert import from_timm
 
-    fields = dict(dropout=cfg["dropout"], drop_path=cfg["drop_path"])
-    if cfg["pretrained"]:
-        src = cfg.get("_pretrained_module") or cfg["pretrained"]
-        return from_timm(src, num_classes=num_classes, image_size=cfg["image_size"], **fields)
+    fields = dict(dropout=cfg.dropout, drop_path=cfg.drop_path)
+    size = cfg.image_size
+    if cfg.pretrained:
+        ours = pretrained_run(cfg.pretrained)
+        if ours is None:
+            return from_timm(timm_module or cfg.pretrained, num_classes=len(classes), image_size=size, **fields)
+        run, weights = ours
+        model = ViT(replace(ViTConfig.from_dict(run.config()["model"]), **fields))
+        model.load_state_dict(load_file(str(weights)))
+        if tuple(model.config.image_size) != ((size, size) if isinstance(size, int) else tuple(size)):
+            model.set_image_size(size)
+        if run.config()["labels"] != classes:
+            model.reset_head(len(classes))
+        return model
     for k in ("dim", "depth", "heads", "mlp_dim", "patch_size", "image_size"):
-        if cfg.get(k) is None:
+        if getattr(cfg, k) is None:
             raise ValueError(f"missing model setting {k}")
-    pool = cfg.get("pool") or "token"
+    pool = cfg.pool or "token"
     return ViT(
         ViTConfig(
-            image_size=cfg["image_size"],
-            patch_size=cfg["patch_size"],
-            num_classes=num_classes,
-            dim=cfg["dim"],
-            depth=cfg["depth"],
-            heads=cfg["heads"],
-            mlp_dim=cfg["mlp_dim"],
-            stem=cfg.get("stem") or "patch",
+            image_size=size,
+            patch_size=cfg.patch_size,
+            num_classes=len(classes),
+            dim=cfg.dim,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            mlp_dim=cfg.mlp_dim,
+            stem=cfg.stem or "patch",
             # Average pooling goes with no class token and a LayerNorm after pooling (timm's layout).
             pool=pool,
             class_token=pool == "token",
@@ -208,298 +216,312 @@ def build_model(cfg: dict, num_classes: int):
     )
 
 
-def pretrained_preprocessing(args, cfg_out: dict) -> dict:
-    """Preprocessing that the pretrained weights expect (mean, std, interpolation, crop)."""
-    from pathlib import Path as P
-
-    from vit.convert import create_pretrained_timm, timm_preprocessing
-
-    src = args.pretrained
-    if P(src).suffix in (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt") or P(src).exists():
-        google = P(src).suffix == ".npz"
-        mean, std = ([0.5] * 3, [0.5] * 3) if google else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-        log(f"note: {src} carries no preprocessing; using mean {mean} std {std} (override with --mean/--std)")
-        return dict(mean=mean, std=std, interpolation="bicubic", crop_pct=0.875, image_size=224)
-    module = create_pretrained_timm(src)
-    cfg_out["_pretrained_module"] = module
-    prep = timm_preprocessing(module)
-    prep["image_size"] = module.patch_embed.img_size[0]
-    return prep
-
-
-def model_preprocessing(cfg: dict, model_cfg) -> dict:
+def model_preprocessing(cfg, model_cfg) -> dict:
     return dict(
         image_size=list(model_cfg.image_size),
-        mean=list(cfg["mean"]),
-        std=list(cfg["std"]),
-        interpolation=cfg["interpolation"],
-        crop_pct=cfg["crop_pct"],
+        mean=list(cfg.mean),
+        std=list(cfg.std),
+        interpolation=cfg.interpolation,
+        crop_pct=cfg.crop_pct,
     )
 
 
-def make_datasets(scan, train, val, cfg: dict, model_cfg):
+def planned_cache_side(args, saved: dict | None, prep: dict | None, device: str) -> int:
+    """The shorter side cached images need, known before the scan: the run's input size and
+    crop when they are given or saved, else the largest input the recipe may pick."""
+    from vit.data import cache_side_for
+    from vit.recipe import input_size_for
+
+    if saved is not None:
+        p = saved["preprocessing"]
+        return cache_side_for(tuple(p["image_size"]), p["crop_pct"])
+    crop = args.crop_pct or (prep or {}).get("crop_pct") or 1.0
+    size = args.image_size or (prep or {}).get("image_size") or input_size_for(10**6, device)[0]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return cache_side_for(size, crop)
+
+
+def make_datasets(scan, split, cfg, model_cfg):
     from vit.data import FolderDataset, eval_transform, train_transform
 
     size = tuple(model_cfg.image_size)
     tt = train_transform(
         size,
-        cfg["mean"],
-        cfg["std"],
-        cfg["interpolation"],
-        cfg["augment"],
-        cfg["scale_min"],
-        cfg["hflip"],
-        cfg["erase"],
+        cfg.mean,
+        cfg.std,
+        cfg.interpolation,
+        cfg.augment,
+        cfg.scale_min,
+        cfg.hflip,
+        cfg.erase,
     )
-    et = eval_transform(size, cfg["mean"], cfg["std"], cfg["crop_pct"], cfg["interpolation"])
-    return FolderDataset(scan, train, tt, cfg["seed"]), FolderDataset(scan, val, et, cfg["seed"])
-
-
-def run_report(trainer, val_ds, classes, run_dir: Path, title: str) -> dict:
-    from vit import report
-
-    probs, labels = trainer.predict(trainer.model)
-    return report.write_report(
-        run_dir, classes, probs.numpy(), labels.numpy(), val_ds.load, metrics_csv=run_dir / "metrics.csv", title=title
+    et = eval_transform(size, cfg.mean, cfg.std, cfg.crop_pct, cfg.interpolation)
+    return (
+        FolderDataset(scan, split.train, tt, cfg.seed),
+        FolderDataset(scan, split.val, et, cfg.seed),
+        FolderDataset(scan, split.test, et, cfg.seed) if split.test else None,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def start_run(args, device: str, world: int):
+    """(run, cfg, scan, split, model, resumed, saved config) for a new run or a resumed one."""
+    from vit.config import ARCHITECTURE, TrainConfig, changed_on_resume, given
+    from vit.data import DataError, scan_folder, split_train_val
+    from vit.imageio import DEFAULT_MAX_PIXELS
+    from vit.run import RunDir
+
+    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
+    if args.resume is not None:
+        run = RunDir(args.resume)
+        if not run.is_resumable():
+            raise DataError(f"{run} holds no resumable run (no checkpoint.pt / config.json)")
+        saved = run.config()
+        cfg = TrainConfig.from_dict(saved["train"], saved=True)
+        changed = (["--pretrained"] if args.pretrained else []) + changed_on_resume(cfg, given(args))
+        if changed:
+            raise DataError(f"--resume continues with the run's own settings; drop {', '.join(changed)}")
+        side = planned_cache_side(args, saved, None, device)
+        scan = scan_folder(run.data_root(args.data), args.strict, max_pixels, args.cache, cache_side=side)
+        if scan.classes != saved["labels"]:
+            raise DataError(f"the classes in {scan.root} ({scan.classes}) differ from the run's ({saved['labels']})")
+        saved_split = run.split()
+        usable = {rel for rel, _ in scan.train + (scan.val or []) + (scan.test or [])}
+        items = {k: [tuple(x) for x in saved_split.get(k) or []] for k in ("train", "val", "test")}
+        missing = [r for rs in items.values() for r, _ in rs if r not in usable]
+        if missing:
+            raise DataError(f"{len(missing)} images of the saved split are gone or unusable, e.g. {missing[0]}")
+        from vit.data import Split
+
+        split = Split(items["train"], items["val"], items["test"], [])
+        cfg.device, cfg.data = device, str(scan.root)
+        if args.workers is not None:
+            cfg.workers = args.workers
+        from vit import ViT, ViTConfig
+
+        return run, cfg, scan, split, ViT(ViTConfig.from_dict(saved["model"])), True, saved
+
+    if args.data is None or args.out is None:
+        raise DataError("pass --data PATH and --out RUN_DIR (or --resume RUN_DIR, or --eval RUN_DIR --data PATH)")
+    shape = [n for n in ARCHITECTURE if getattr(args, n) is not None]
+    if args.pretrained and shape:
+        flags = ", ".join("--" + n.replace("_", "-") for n in shape)
+        raise DataError(f"{flags}: the pretrained weights fix the architecture; leave these out with --pretrained")
+    run = RunDir(args.out)
+    if run.exists():
+        raise DataError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
+    prep, module = pretrained_preprocessing(args.pretrained) if args.pretrained else (None, None)
+    side = planned_cache_side(args, None, prep, device)
+    scan = scan_folder(args.data, args.strict, max_pixels, args.cache, cache_side=side)
+    defaults = TrainConfig()
+    val_fraction = args.val_fraction if args.val_fraction is not None else defaults.val_fraction
+    split = split_train_val(scan, val_fraction, args.seed if args.seed is not None else defaults.seed)
+    cfg = resolve(args, scan, len(split.train), device, prep, world)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    return run, cfg, scan, split, build_model(cfg, scan.classes, module), False, None
 
 
 def train(args) -> int:
+    """Start (or resume) the run, fit it, then write its report: train.py's whole job."""
     import torch
 
-    from vit import files
-    from vit.data import DataError, scan_folder, split_train_val
+    from vit.budget import TimeBudget
     from vit.engine import Stop, Trainer, init_distributed, resolve_device
-    from vit.model import ViTConfig
 
-    resume = args.resume is not None
-    if resume:
-        run_dir = args.resume
-        if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.json").is_file():
-            raise DataError(f"{run_dir} holds no resumable run (no checkpoint.pt / config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())
-        given = [n for n, _, _ in SETTINGS if getattr(args, n) is not None] + (
-            ["--pretrained"] if args.pretrained else []
-        )
-        if given:
-            raise DataError(f"--resume continues with the run's own settings; drop {', '.join(given)}")
-        data_root = args.data or Path(saved["train"]["data"])
-    else:
-        if args.data is None or args.out is None:
-            raise DataError("pass --data PATH and --out RUN_DIR (or --resume RUN_DIR, or --eval RUN_DIR --data PATH)")
-        shape = [n for n in ARCHITECTURE if getattr(args, n) is not None]
-        if args.pretrained and shape:
-            flags = ", ".join("--" + n.replace("_", "-") for n in shape)
-            raise DataError(f"{flags}: the pretrained weights fix the architecture; leave these out with --pretrained")
-        run_dir = args.out
-        if (run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists():
-            raise DataError(
-                f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --out"
-            )
-        data_root = args.data
-
+    t_start = time.perf_counter()
     d = init_distributed(
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     )
     device = resolve_device(args.device, d)
     say = log if d.main else (lambda *a: None)
-    t_start = time.perf_counter()
-    from vit.imageio import DEFAULT_MAX_PIXELS
-
-    scan = scan_folder(
-        data_root, strict=args.strict, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, cache=args.cache
-    )
-    if resume:
-        split = json.loads((run_dir / "split.json").read_text())
-        if scan.classes != saved["labels"]:
-            raise DataError(f"the classes in {data_root} ({scan.classes}) differ from the run's ({saved['labels']})")
-        usable = {rel: lab for rel, lab in scan.train + (scan.val or [])}
-        missing = [r for r, _ in split["train"] + split["val"] if r not in usable]
-        if missing:
-            raise DataError(f"{len(missing)} images of the saved split are gone or unusable, e.g. {missing[0]}")
-        train_items = [tuple(x) for x in split["train"]]
-        val_items = [tuple(x) for x in split["val"]]
-        notes = []
-        cfg = saved["train"]
-        cfg["device"], cfg["workers"] = device.type, args.workers if args.workers is not None else cfg["workers"]
-    else:
-        train_items, val_items, notes = split_train_val(scan, args.val_fraction, args.seed)
-        cfg = {}
-        prep = pretrained_preprocessing(args, cfg) if args.pretrained else None
-        cfg = {**resolve(args, scan, len(train_items), device.type, prep), **cfg}
-    if d.main:
-        describe_scan(scan, train_items, val_items, notes)
-
-    if resume:
-        model_cfg = ViTConfig.from_dict(saved["model"])
-        from vit import ViT
-
-        model = ViT(model_cfg)
-    else:
-        torch.manual_seed(cfg["seed"])
-        model = build_model(cfg, len(scan.classes))
-        model_cfg = model.config
-        cfg.pop("_pretrained_module", None)
-    train_ds, val_ds = make_datasets(scan, train_items, val_items, cfg, model_cfg)
-    trainer = Trainer(model, cfg, train_ds, val_ds, run_dir, device, d)
-
-    run_config = dict(
-        model=model_cfg.to_dict(),
-        labels=scan.classes,
-        preprocessing=model_preprocessing(cfg, model_cfg),
-        train=cfg,
-        data=dict(
-            root=str(scan.root), train_images=len(train_items), val_images=len(val_items), skipped=len(scan.skipped)
-        ),
-        world_size=d.world,
-    )
-    if resume:
-        trainer.load_checkpoint(run_dir / "checkpoint.pt")
-        say(f"Resuming {run_dir} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}")
-    elif d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_json(
-            run_dir / "split.json",
-            dict(seed=args.seed, val_fraction=args.val_fraction, train=train_items, val=val_items),
-        )
-        files.write_json(run_dir / "skipped.json", [dict(file=r, reason=w) for r, w in scan.skipped])
-        files.write_json(run_dir / "config.json", run_config)
-    if d.main and not resume:
-        shown = {k: v for k, v in cfg.items() if k not in ("data",)}
-        say(
-            f"Model: {model_cfg.depth} blocks, width {model_cfg.dim}, {model_cfg.heads} heads, "
-            f"{model_cfg.image_size[0]}x{model_cfg.image_size[1]} input, patch {model_cfg.patch_size} "
-            f"({model.num_params() / 1e6:.2f}M parameters) on {device.type}"
-            + (f" x {d.world} processes" if d.world > 1 else "")
-        )
-        say("Settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-
-    def set_epochs(tr, epochs: int, per_epoch: float) -> None:
-        if d.world > 1:  # every process follows rank 0's clock
-            t = torch.tensor([epochs], device=device)
-            torch.distributed.broadcast(t, 0)
-            epochs = int(t.item())
-        if epochs == tr.state.total_epochs and cfg.get("epochs_fitted"):
-            return
-        tr.state.total_epochs = epochs
-        cfg["epochs_fitted"] = epochs
-        if args.ema_decay is None and tr.ema is not None:  # the EMA's horizon follows the run's length
-            cfg["ema_decay"] = ema_decay_for(epochs * tr.steps_per_epoch)
-            tr.set_ema_decay(cfg["ema_decay"])
-        say(
-            f"Time budget {cfg['time_budget']:g} min: about {per_epoch:.1f}s per epoch, so {epochs} epochs "
-            f"(of at most {cfg['epochs']})"
-        )
-        if d.main:
-            files.write_json(run_dir / "config.json", {**run_config, "train": cfg})
-
-    def fit_to_budget(step_time: float, tr) -> None:
-        """A first estimate from the first few steps, so the schedule has a length from the start."""
-        if not cfg.get("time_budget") or cfg.get("epochs_fitted"):
-            return
-        per_epoch = step_time * tr.steps_per_epoch * (1 + 0.35 * len(val_ds) / max(len(train_ds), 1))
-        left = cfg["time_budget"] * 60 - (time.perf_counter() - t_start)
-        set_epochs(tr, max(1, min(cfg["epochs"], int(left / per_epoch))), per_epoch)
-
-    clock = dict(t=0.0, epoch_seconds=[])  # t: when the current epoch began
-
-    def refit_to_budget(tr) -> None:
-        """After each epoch, measured epoch times (training and validation; their median, so one
-        slow epoch does not decide) replace the first estimate, which runs long because the
-        first steps are slow. In the first half of the run the length may grow or shrink; after
-        that it may only shrink, so a machine that slows down does not overrun the budget. A
-        resumed run keeps the length it was given."""
-        now = time.perf_counter()
-        clock["epoch_seconds"].append(now - clock["t"])
-        clock["t"] = now
-        if not cfg.get("time_budget") or resume:
-            return
-        per_epoch = statistics.median(clock["epoch_seconds"])
-        left = cfg["time_budget"] * 60 - (now - t_start)
-        done, total = tr.state.epoch, tr.state.total_epochs
-        fits = done + int(left / per_epoch)
-        epochs = min(cfg["epochs"], fits) if done < total / 2 else min(total, fits)
-        set_epochs(tr, max(done, epochs), per_epoch)
-
     try:
-        clock["t"] = time.perf_counter()
-        state = trainer.fit(say, on_calibrated=fit_to_budget, on_epoch_end=refit_to_budget)
-    except Stop:
-        say(f"\nStopped by signal; checkpoint saved. Continue with: python train.py --resume {run_dir}")
-        return 130
-    if d.main:
-        from safetensors.torch import load_file
+        run, cfg, scan, split, model, resumed, _ = start_run(args, device.type, d.world)
+        if d.main:
+            describe_scan(scan, split)
+        train_ds, val_ds, test_ds = make_datasets(scan, split, cfg, model.config)
+        budget = TimeBudget(cfg.time_budget * 60, cfg.epochs) if cfg.time_budget else None
+        trainer = Trainer(model, cfg, train_ds, val_ds, run.path, device, d, budget, t_start, say)
+        run_config = dict(
+            model=model.config.to_dict(),
+            labels=scan.classes,
+            preprocessing=model_preprocessing(cfg, model.config),
+            train=cfg.to_dict(),
+            data=dict(
+                root=str(scan.root),
+                layout=scan.layout,
+                train_images=len(split.train),
+                val_images=len(split.val),
+                test_images=len(split.test),
+                skipped=len(scan.skipped),
+            ),  # fmt: skip
+            world_size=d.world,
+        )
+        if resumed:
+            trainer.load_checkpoint(run / run.CHECKPOINT)
+            say(f"Resuming {run} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}")
+        elif d.main:
+            write_new_run(run, run_config, scan, split, cfg)
+            describe_start(model, cfg, device, d.world)
+        try:
+            state = trainer.fit(resumed)
+        except Stop:
+            say(f"\nStopped by signal; checkpoint saved. Continue with: python train.py --resume {run}")
+            return 130
+        if d.main:
+            finish_run(run, run_config, trainer, state, (val_ds, test_ds), scan.classes, t_start)
+        return 0
+    finally:
+        if d.world > 1 and torch.distributed.is_initialized():
+            if sys.exc_info()[0] is None:  # leave together: a rank torn down early can abort its peer
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
-        trainer.model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        scores = run_report(trainer, val_ds, scan.classes, run_dir, "Validation report")
-        result = dict(
-            best_epoch=state.best_epoch,
-            val_acc=round(state.best_acc, 4),
-            weights=state.best_weights,
-            macro_f1=scores["macro"]["f1"],
-            ece=scores["ece"],
-            train_minutes=round((time.perf_counter() - t_start) / 60, 2),
+
+def write_new_run(run, run_config: dict, scan, split, cfg) -> None:
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_split(split.train, split.val, split.test, cfg.seed, cfg.val_fraction)
+    run.write_skipped(scan.skipped, scan.notes)
+    run.write_config(run_config)
+
+
+def describe_start(model, cfg, device, world: int) -> None:
+    m = model.config
+    log(
+        f"Model: {m.depth} blocks, width {m.dim}, {m.heads} heads, {m.image_size[0]}x{m.image_size[1]} input, "
+        f"patch {m.patch_size} ({model.num_params() / 1e6:.2f}M parameters) on {device.type}"
+        + (f" x {world} processes" if world > 1 else "")
+    )
+    log("Settings: " + cfg.shown())
+    if cfg.time_budget:
+        log(f"Time budget: {cfg.time_budget:g} min (--epochs {cfg.epochs} is an upper bound)")
+    else:
+        log(f"Time budget: {cfg.time_budget_note or 'off'}")
+
+
+def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[str], t_start: float) -> None:
+    """The best weights' validation report, the held-out test (if any), and the result in config.json."""
+    from safetensors.torch import load_file
+
+    from vit import report
+
+    val_ds, test_ds = datasets
+    trainer.model.load_state_dict(load_file(str(run / run.WEIGHTS)))
+    probs, labels = trainer.predict(trainer.model)
+    scores = report.write_report(
+        run.path, classes, probs.numpy(), labels.numpy(), val_ds.load, metrics_csv=run / "metrics.csv",
+        title="Validation report",
+    )  # fmt: skip
+    result = dict(
+        best_epoch=state.best_epoch,
+        val_acc=round(state.best_acc, 4),
+        weights=state.best_weights,
+        macro_f1=scores["macro"]["f1"],
+        ece=scores["ece"],
+        train_minutes=round((time.perf_counter() - t_start) / 60, 2),
+    )
+    if test_ds is not None:
+        result.update(held_out_test(trainer, test_ds, classes, run.path))
+    run.write_config({**run_config, "train": trainer.cfg.to_dict(), "result": result})
+    log(
+        f"Best validation accuracy {state.best_acc:.2%} at epoch {state.best_epoch} ({state.best_weights} "
+        f"weights); report in {run / 'report.md'}"
+    )
+    if test_ds is not None:
+        log(
+            f"Held-out test accuracy {result['test_acc']:.2%} on {result['test_images']} images "
+            f"(never used for any choice); report in {run / 'test' / 'report.md'}"
         )
-        files.write_json(run_dir / "config.json", {**run_config, "train": cfg, "result": result})
-        say(
-            f"Best validation accuracy {state.best_acc:.2%} at epoch {state.best_epoch} ({state.best_weights} "
-            f"weights); report in {run_dir / 'report.md'}"
-        )
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
-    return 0
+
+
+def held_out_test(trainer, test_ds, classes: list[str], run_dir: Path) -> dict:
+    """The chosen weights on test/, once, after every choice was made; its own report."""
+    from torch.utils.data import DataLoader
+
+    from vit import report
+
+    loader = DataLoader(test_ds, batch_size=64, shuffle=False)
+    probs, labels = trainer.predict(trainer.model, loader)
+    scores = report.write_report(
+        run_dir / "test", classes, probs.numpy(), labels.numpy(), test_ds.load, title="Held-out test report"
+    )
+    return dict(test_acc=round(scores["accuracy"], 4), test_images=scores["n"], test_macro_f1=scores["macro"]["f1"])
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation on another folder: a run's weights, or an exported ONNX file
+# --------------------------------------------------------------------------------------
 
 
 def evaluate(args) -> int:
-    import torch
-    from safetensors.torch import load_file
-    from torch.utils.data import DataLoader
+    from vit import report
+    from vit.data import DataError, scan_folder
+    from vit.imageio import DEFAULT_MAX_PIXELS, open_image
 
-    from vit import ViT, ViTConfig, report
-    from vit.data import DataError, FolderDataset, eval_transform, scan_folder
-    from vit.imageio import DEFAULT_MAX_PIXELS
-
-    run_dir = args.eval
+    source = args.eval
     if args.data is None:
-        raise DataError("--eval RUN_DIR needs --data PATH: the folder to evaluate on")
-    if not (run_dir / "config.json").is_file() or not (run_dir / "model.safetensors").is_file():
-        raise DataError(f"{run_dir} holds no trained model (config.json and model.safetensors)")
-    run = json.loads((run_dir / "config.json").read_text())
-    labels = run["labels"]
+        raise DataError("--eval RUN_DIR|MODEL.onnx needs --data PATH: the folder to evaluate on")
+    onnx_file = source.suffix == ".onnx"
+    if onnx_file:
+        from vit.runtime import Classifier
+
+        clf = Classifier(source)
+        labels, prep = clf.labels, None
+    else:
+        from vit.run import RunDir
+
+        run = RunDir(source)
+        if not run.is_trained():
+            raise DataError(f"{source} holds no trained model (config.json and model.safetensors)")
+        labels, prep = run.config()["labels"], run.config()["preprocessing"]
     scan = scan_folder(
         args.data,
         strict=args.strict,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        cache=args.cache,
+        cache=False,
         min_classes=1,
         min_per_class=1,
     )
-    items = scan.val if scan.val is not None else scan.train
+    items = scan.test or scan.val or scan.train
     unknown = sorted(set(scan.classes) - set(labels))
     if unknown:
         raise DataError(f"{args.data} has classes the model does not know: {unknown} (it knows {labels})")
     items = [(rel, labels.index(scan.classes[lab])) for rel, lab in items]
-    model = ViT(ViTConfig.from_dict(run["model"]))
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    model.eval()
-    p = run["preprocessing"]
-    ds = FolderDataset(
-        scan, items, eval_transform(tuple(p["image_size"]), p["mean"], p["std"], p["crop_pct"], p["interpolation"])
-    )
-    probs, ys = [], []
-    with torch.inference_mode():
-        for x, y in DataLoader(ds, batch_size=64):
-            probs.append(model(x).softmax(-1))
-            ys.append(y)
-    out = args.out or run_dir / f"eval-{Path(args.data).resolve().name}"
-    scores = report.write_report(
-        out, labels, torch.cat(probs).numpy(), torch.cat(ys).numpy(), ds.load, title=f"Evaluation on {args.data}"
-    )
+    load = lambda i: open_image(scan.root / items[i][0])  # noqa: E731
+    if onnx_file:
+        probs = np.concatenate(  # the file's own preprocessing and temperature, as the app applies them
+            [np.stack([p.probs for p in clf.predict_many([load(j) for j in range(i, min(i + 32, len(items)))])])
+             for i in range(0, len(items), 32)]
+        )  # fmt: skip
+    else:
+        probs = torch_probs(run.load_model(), scan, items, prep)
+    ys = np.array([y for _, y in items])
+    default = source.with_suffix("").parent / f"eval-{source.stem}-{scan.root.name}" if onnx_file else None
+    out = args.out or default or source / f"eval-{scan.root.name}"
+    scores = report.write_report(out, labels, probs, ys, load, title=f"Evaluation of {source.name} on {args.data}")
     log(
         f"{scores['n']} images from {args.data}: accuracy {scores['accuracy']:.2%}, macro F1 "
         f"{scores['macro']['f1']:.3f}; report in {out / 'report.md'}"
     )
     return 0
+
+
+def torch_probs(model, scan, items, prep: dict) -> np.ndarray:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vit.data import FolderDataset, eval_transform
+
+    size = tuple(prep["image_size"])
+    transform = eval_transform(size, prep["mean"], prep["std"], prep["crop_pct"], prep["interpolation"])
+    ds = FolderDataset(scan, items, transform)
+    with torch.inference_mode():
+        return torch.cat([model(x).softmax(-1) for x, _ in DataLoader(ds, batch_size=64)]).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:

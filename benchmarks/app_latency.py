@@ -96,6 +96,8 @@ def concurrent(url: str, image: str, clients: int, each: int) -> dict:
     )
 
 
+# The benchmark's protocol in one place (both apps' start, single calls, the concurrent
+# load, the record), so what was measured can be read without jumping between helpers.
 def main() -> None:
     import socket
 

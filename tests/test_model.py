@@ -8,7 +8,7 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from vit import ViT, ViTConfig, resample_pos_embed
+from vit import ViT, ViTConfig, from_timm, resample_pos_embed
 from vit.convert import timm_kwargs
 
 PARITY_CASES = {
@@ -36,7 +36,7 @@ def perturbed_timm(name: str, **kwargs) -> torch.nn.Module:
 def test_logits_match_timm(case):
     name, kwargs = PARITY_CASES[case]
     ref = perturbed_timm(name, **kwargs).eval()
-    ours = ViT.from_timm(ref).eval()
+    ours = from_timm(ref).eval()
     x = torch.randn(3, 3, *ours.config.image_size)
     with torch.no_grad():
         expected = ref(x)
@@ -50,7 +50,7 @@ def test_logits_match_timm(case):
 
 def test_gradients_match_timm_in_train_mode():
     ref = perturbed_timm("vit_tiny_patch16_224").train()
-    ours = ViT.from_timm(ref).train()
+    ours = from_timm(ref).train()
     x, y = torch.randn(4, 3, 224, 224), torch.tensor([0, 3, 5, 9])
     torch.nn.functional.cross_entropy(ref(x), y).backward()
     torch.nn.functional.cross_entropy(ours(x), y).backward()
@@ -104,7 +104,7 @@ def test_pos_embed_resampling_matches_timm(old, new, prefix):
 
 def test_set_image_size_matches_timm_set_input_size():
     ref = perturbed_timm("vit_tiny_patch16_224").eval()
-    ours = ViT.from_timm(ref).eval()
+    ours = from_timm(ref).eval()
     ref.set_input_size(img_size=(160, 192))
     ours.set_image_size((160, 192))
     x = torch.randn(2, 3, 160, 192)

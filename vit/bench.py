@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vit.convert import timm_kwargs
-from vit.model import ViT, ViTConfig
-from vit.runtime import usable_cpus
+from vit.convert import from_timm, timm_kwargs
+from vit.cpus import usable_cpus
+from vit.model import ViTConfig
 
 # Dense bf16 tensor-core peak, TFLOPS, for MFU (NVIDIA datasheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L40S": 362.0}
@@ -142,6 +142,8 @@ def interleaved(runners: dict[str, Runner], kind: str, repeats: int, iters: int,
     return results
 
 
+# The benchmark's protocol in one place (set-up, interleaved measurements, the record), so
+# what was measured can be read without jumping between helpers.
 def run(args: argparse.Namespace) -> dict:
     import timm.models.vision_transformer as tvit
 
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     with torch.no_grad():  # move every weight off its init so the exactness check means something
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    ours = ViT.from_timm(ref)
+    ours = from_timm(ref)
     x = torch.randn(batch, 3, *cfg.image_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
 

@@ -20,9 +20,8 @@ from torch import nn
 
 from vit.model import ViT, ViTConfig
 
-# Fields that change no parameter shape: safe to set when loading any checkpoint.
-TRAINING_FIELDS = ("dropout", "attn_dropout", "drop_path")
-
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # read with torch.load(weights_only=True)
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".npz")  # every weights file we read
 
 # --------------------------------------------------------------------------------------
 # Checked loading
@@ -182,7 +181,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         sd = load_file(str(path))
-    elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    elif path.suffix in TORCH_SUFFIXES:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"unsupported checkpoint type {path.suffix!r}: use .safetensors, .pth, .pt, .bin or .npz")
@@ -223,7 +222,11 @@ def from_timm(
     image_size: int | tuple[int, int] | None = None,
     **fields,
 ) -> ViT:
-    """Our ViT with timm's weights; see ``ViT.from_timm``.
+    """Our ViT with the weights of a timm model, model name or checkpoint file.
+
+    ``source`` is a timm ``VisionTransformer``, a timm model name (pretrained weights
+    are downloaded by timm, so this needs the network), or a path to a ``.safetensors``
+    / ``.pth`` / ``.bin`` checkpoint (``.npz``: see ``load_npz``).
 
     ``num_classes`` replaces the head with a zero-initialised one when it differs;
     ``image_size`` resamples the position embedding; ``fields`` set other config fields
@@ -236,7 +239,7 @@ def from_timm(
     path = Path(source)
     if path.suffix == ".npz":
         return load_npz(path, num_classes=num_classes, image_size=image_size, **fields)
-    if path.exists() or path.suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+    if path.exists() or path.suffix in (".safetensors", *TORCH_SUFFIXES):
         return from_state_dict(read_state_dict(path), str(path), num_classes, image_size, **fields)
     module = create_pretrained_timm(str(source))
     return from_timm(module, num_classes=num_classes, image_size=image_size, **fields)
@@ -318,9 +321,38 @@ def _strip_npz_prefix(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return w
 
 
+class _Reads(dict):
+    """A dict that remembers which keys were read, so arrays nobody mapped can be named."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def npz_to_state_dict(w: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Google arrays -> (timm-layout state dict, architecture fields)."""
-    w = _strip_npz_prefix(w)
+    """Google arrays -> (timm-layout state dict, architecture fields).
+
+    Every array must be mapped: one this model has no place for (a ``pre_logits`` layer, a
+    MAP head, ...) is refused with the list, not dropped, so nothing loads approximately."""
+    w = _Reads(_strip_npz_prefix(w))
+    sd, arch = _npz_arrays(w)
+    unmapped = sorted(set(w) - w.read)
+    if unmapped:
+        shown = ", ".join(unmapped[:12]) + (f" ... ({len(unmapped)} in all)" if len(unmapped) > 12 else "")
+        raise ValueError(
+            f"the .npz holds arrays this ViT has no place for: {shown}. It is another architecture "
+            "(e.g. a pre-logits layer or an attention-pooling head); it is refused rather than loaded approximately"
+        )
+    return sd, arch
+
+
+# One key map, read top to bottom like timm's _load_weights: split up, the mapping from
+# Google's names to ours would no longer be seen in one place.
+def _npz_arrays(w: _Reads) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
     scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
     big_vision = scanned or "pos_embedding" in w

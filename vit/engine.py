@@ -7,11 +7,10 @@ and the position in the epoch, so a resumed run continues as if never stopped.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -26,8 +25,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vit import files
-from vit.data import EpochSampler, sample_seed
+from vit import files, report
+from vit.budget import TimeBudget
+from vit.config import TrainConfig
+from vit.data import EpochSampler, ignore_stop_signals, sample_seed
 from vit.model import ViT
 
 # --------------------------------------------------------------------------------------
@@ -96,6 +97,11 @@ def param_groups(model: ViT, weight_decay: float, layer_decay: float | None) -> 
     return list(groups.values())
 
 
+def ema_decay_for(steps: int) -> float:
+    """An EMA that averages over about the last 5% of the optimizer steps (within .99-.9998)."""
+    return round(min(0.9998, max(0.99, 1 - 20 / max(steps, 1))), 5)
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine down to ``min_ratio``."""
     if step < warmup:
@@ -128,54 +134,103 @@ class Stop(Exception):
     """Raised when SIGINT/SIGTERM asked the run to stop and a checkpoint was saved."""
 
 
+class StopSignals:
+    """SIGINT and SIGTERM, while the run is inside this context, ask it to stop at the next
+    safe point instead of killing it; a second Ctrl-C stops at once. Outside the main thread
+    (where Python allows no handlers) it does nothing."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        def handler(signum, frame):
+            if self.received is not None:
+                raise KeyboardInterrupt
+            self.received = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def make_loaders(train_ds, val_ds, sampler: EpochSampler, cfg: TrainConfig, device: torch.device):
+    """The training loader (seeded sampler, persistent workers) and the validation loader.
+    Workers ignore Ctrl-C: the main process decides to stop and shuts them down itself."""
+    workers = cfg.workers
+    common = dict(
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals if workers else None,
+    )
+    train = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=False,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        **common,
+    )
+    val = DataLoader(val_ds, batch_size=max(64, cfg.batch_size), shuffle=False, **common)
+    return train, val
+
+
 class Trainer:
-    def __init__(self, model: ViT, cfg: dict, train_ds, val_ds, run_dir: Path, device: torch.device, d: Dist):
+    """Train -> evaluate -> keep the best -> log, epoch after epoch, with exact resume.
+
+    ``budget``: fit the number of epochs to a wall-clock budget (``cfg.epochs`` is then an
+    upper bound); ``cfg.epochs_fitted`` records the length chosen. With
+    ``cfg.ema_decay_auto`` the EMA's horizon follows the run's length.
+    """
+
+    def __init__(
+        self,
+        model: ViT,
+        cfg: TrainConfig,
+        train_ds,
+        val_ds,
+        run_dir: Path,
+        device: torch.device,
+        d: Dist,
+        budget: TimeBudget | None = None,
+        started: float | None = None,
+        log=print,
+    ):
         self.cfg, self.run_dir, self.device, self.d = cfg, Path(run_dir), device, d
+        self.budget, self.log = budget, log
+        self.started = time.perf_counter() if started is None else started
         self.model = model.to(device)
         self.train_ds, self.val_ds = train_ds, val_ds
-        self.sampler = EpochSampler(len(train_ds), cfg["seed"], True, d.rank, d.world)
-        workers = cfg["workers"]
-        self.loader = DataLoader(
-            train_ds,
-            batch_size=cfg["batch_size"],
-            sampler=self.sampler,
-            drop_last=False,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
-        self.val_loader = DataLoader(
-            val_ds,
-            batch_size=max(64, cfg["batch_size"]),
-            shuffle=False,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
-        self.steps_per_epoch = math.ceil(len(self.sampler) / cfg["batch_size"] / cfg["grad_accum"])
+        self.sampler = EpochSampler(len(train_ds), cfg.seed, True, d.rank, d.world)
+        self.loader, self.val_loader = make_loaders(train_ds, val_ds, self.sampler, cfg, device)
+        self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size / cfg.grad_accum)
         self.opt = torch.optim.AdamW(
-            param_groups(model, cfg["weight_decay"], cfg["layer_decay"]),
-            lr=cfg["lr"],
-            betas=(0.9, 0.999),
+            param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=(0.9, 0.999),
             fused=device.type == "cuda",
-        )
-        self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
-            if cfg["ema"]
-            else None
-        )
+        )  # fmt: skip
+        self.ema = None
+        if cfg.ema:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.net = self.model
         if d.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.fwd = torch.compile(self.net) if cfg["compile"] else self.net
-        self.bf16 = cfg["precision"] == "bf16" or (
-            cfg["precision"] == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.fwd = torch.compile(self.net) if cfg.compile else self.net
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         self.mix = self._mixer()
-        self.state = State(total_epochs=cfg["epochs"])
-        self.stop_signal: int | None = None
+        self.state = State(total_epochs=cfg.epochs)
+        self.signals = StopSignals()
 
     # ----- pieces --------------------------------------------------------------------
     def _mixer(self):
@@ -183,36 +238,61 @@ class Trainer:
 
         k = self.model.config.num_classes
         ops = []
-        if self.cfg["mixup"] > 0:
-            ops.append(T.MixUp(alpha=self.cfg["mixup"], num_classes=k))
-        if self.cfg["cutmix"] > 0:
-            ops.append(T.CutMix(alpha=self.cfg["cutmix"], num_classes=k))
+        if self.cfg.mixup > 0:
+            ops.append(T.MixUp(alpha=self.cfg.mixup, num_classes=k))
+        if self.cfg.cutmix > 0:
+            ops.append(T.CutMix(alpha=self.cfg.cutmix, num_classes=k))
         return T.RandomChoice(ops) if ops else None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
-    def set_ema_decay(self, decay: float) -> None:
-        self.ema.multi_avg_fn = get_ema_multi_avg_fn(decay)
+    def set_total_epochs(self, epochs: int, per_epoch: float) -> None:
+        """A new length for the run (from the time budget); every rank follows rank 0's clock."""
+        if self.d.world > 1:
+            t = torch.tensor([epochs], device=self.device)
+            dist.broadcast(t, 0)
+            epochs = int(t.item())
+        s, cfg = self.state, self.cfg
+        if epochs == s.total_epochs and cfg.epochs_fitted:
+            return
+        s.total_epochs = cfg.epochs_fitted = epochs
+        if cfg.ema_decay_auto and self.ema is not None:
+            cfg.ema_decay = ema_decay_for(epochs * self.steps_per_epoch)
+            self.ema.multi_avg_fn = get_ema_multi_avg_fn(cfg.ema_decay)
+        if self.d.main:
+            self.log(
+                f"Time budget {self.budget.seconds / 60:g} min: about {per_epoch:.1f}s per epoch, so {epochs} "
+                f"epochs (of at most {self.budget.max_epochs})"
+            )
+
+    def stop_requested(self) -> bool:
+        """Whether to stop here. Under DDP the ranks agree (any rank's signal stops all of them at
+        the same step), so none is left waiting in an all-reduce that the others never join."""
+        local = self.signals.received is not None
+        if self.d.world == 1:
+            return local
+        t = torch.tensor([int(local)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def set_lr(self) -> float:
         s = self.state
         total = s.total_epochs * self.steps_per_epoch
-        warmup = min(self.cfg["warmup_epochs"] * self.steps_per_epoch, total // 5)  # never most of a short run
-        f = lr_factor(s.global_step, warmup, total, self.cfg["min_lr_ratio"])
+        warmup = min(self.cfg.warmup_epochs * self.steps_per_epoch, total // 5)  # never most of a short run
+        f = lr_factor(s.global_step, warmup, total, self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
-            g["lr"] = self.cfg["lr"] * f * g["lr_scale"]
-        return self.cfg["lr"] * f
+            g["lr"] = self.cfg.lr * f * g["lr_scale"]
+        return self.cfg.lr * f
 
     # ----- checkpoints ---------------------------------------------------------------
     def checkpoint(self) -> dict:
-        s = self.state
         return dict(
             model=self.model.state_dict(),
             optimizer=self.opt.state_dict(),
             ema=self.ema.state_dict() if self.ema else None,
-            state=dict(s.__dict__),
-            config=self.cfg,
+            state=dict(self.state.__dict__),
+            config=self.cfg.to_dict(),
         )
 
     def save_checkpoint(self) -> None:
@@ -226,91 +306,111 @@ class Trainer:
         if self.ema is not None and ck["ema"] is not None:
             self.ema.load_state_dict(ck["ema"])
         self.state = State(**ck["state"])
+        for key in ("epochs_fitted", "ema_decay"):  # what the time budget decided during the run
+            if key in ck["config"]:
+                setattr(self.cfg, key, ck["config"][key])
+        if self.ema is not None:
+            self.ema.multi_avg_fn = get_ema_multi_avg_fn(self.cfg.ema_decay)
 
-    # ----- one epoch -----------------------------------------------------------------
-    def train_epoch(self, on_calibrated=None) -> dict:
+    def save_best(self, which: str) -> None:
+        model = self.ema.module if which == "ema" else self.model
+        files.save_safetensors(
+            self.run_dir / "model.safetensors", model.state_dict(), metadata={"format": "pt", "weights": which}
+        )
+
+    # ----- training ------------------------------------------------------------------
+    def train_step(self, batches) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (learning rate, seconds
+        waited for data). Its randomness (dropout, mixup) is seeded by (seed, rank, epoch, step)."""
+        s, cfg = self.state, self.cfg
+        lr = self.set_lr()
+        torch.manual_seed(sample_seed(cfg.seed + 7 * self.d.rank, s.epoch, 10**7 + s.step_in_epoch))
+        wait = 0.0
+        for micro in range(cfg.grad_accum):
+            tw = time.perf_counter()
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - tw
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            target = y
+            if self.mix is not None:
+                x, target = self.mix(x, y)
+            sync = micro == cfg.grad_accum - 1 or self.d.world == 1
+            ctx = self.net.no_sync() if (self.d.world > 1 and not sync) else nullcontext()
+            with ctx, self.autocast():
+                logits = self.fwd(x)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+            (loss / cfg.grad_accum).backward()
+            s.sums["loss"] += loss.item() * len(y)
+            s.sums["correct"] += (logits.argmax(1) == y).sum().item()
+            s.sums["seen"] += len(y)
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return lr, wait
+
+    def first_estimate(self) -> None:
+        """The run's first length, from its first six steps (the time budget)."""
+        s = self.state
+        if self.budget is None or self.cfg.epochs_fitted or s.epoch != 0:
+            return
+        if s.step_in_epoch == min(6, self.steps_per_epoch):
+            step = s.sums["step"] / s.step_in_epoch
+            share = len(self.val_ds) / max(len(self.train_ds), 1)
+            elapsed = time.perf_counter() - self.started
+            self.set_total_epochs(self.budget.first_estimate(step, self.steps_per_epoch, share, elapsed),
+                                  step * self.steps_per_epoch)  # fmt: skip
+
+    def train_epoch(self) -> dict:
+        """The rest of the current epoch (all of it, unless resuming mid-epoch); raises ``Stop``
+        after saving a checkpoint when the ranks agree to stop."""
         s, cfg = self.state, self.cfg
         self.net.train()
-        start_batch = s.step_in_epoch * cfg["grad_accum"]
-        self.sampler.set_epoch(s.epoch, start=start_batch * cfg["batch_size"])
+        self.sampler.set_epoch(s.epoch, start=s.step_in_epoch * cfg.grad_accum * cfg.batch_size)
         bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=s.step_in_epoch,
-            desc=f"epoch {s.epoch + 1}/{s.total_epochs}",
-            disable=not (self.d.main and sys.stderr.isatty()),
-            leave=False,
-            dynamic_ncols=True,
-            unit="step",
-        )
-        it = iter(self.loader)
-        t_epoch = time.perf_counter()
-        seen0 = s.sums["seen"]
+            total=self.steps_per_epoch, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}/{s.total_epochs}",
+            disable=not (self.d.main and sys.stderr.isatty()), leave=False, dynamic_ncols=True, unit="step",
+        )  # fmt: skip
+        batches, t_epoch, seen0 = iter(self.loader), time.perf_counter(), s.sums["seen"]
         while s.step_in_epoch < self.steps_per_epoch:
-            lr = self.set_lr()
-            torch.manual_seed(sample_seed(cfg["seed"] + 7 * self.d.rank, s.epoch, 10**7 + s.step_in_epoch))
             t0 = time.perf_counter()
-            wait = 0.0
-            for micro in range(cfg["grad_accum"]):
-                tw = time.perf_counter()
-                try:
-                    x, y = next(it)
-                except StopIteration:
-                    break
-                wait += time.perf_counter() - tw
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                target = y
-                if self.mix is not None:
-                    x, target = self.mix(x, y)
-                sync = micro == cfg["grad_accum"] - 1 or self.d.world == 1
-                ctx = self.net.no_sync() if (self.d.world > 1 and not sync) else nullcontext()
-                with ctx, self.autocast():
-                    logits = self.fwd(x)
-                    loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg["label_smoothing"])
-                (loss / cfg["grad_accum"]).backward()
-                s.sums["loss"] += loss.item() * len(y)
-                s.sums["correct"] += (logits.argmax(1) == y).sum().item()
-                s.sums["seen"] += len(y)
-            if cfg["clip_grad"]:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            lr, wait = self.train_step(batches)
             s.sums["wait"] += wait
-            s.sums["step"] += dt
+            s.sums["step"] += time.perf_counter() - t0
             s.step_in_epoch += 1
             s.global_step += 1
-            seen = s.sums["seen"]
+            seen = max(s.sums["seen"], 1)
             bar.set_postfix(
-                loss=f"{s.sums['loss'] / max(seen, 1):.3f}",
-                acc=f"{s.sums['correct'] / max(seen, 1):.3f}",
-                lr=f"{lr:.2e}",
-                img_s=f"{(seen - seen0) * self.d.world / (time.perf_counter() - t_epoch):.0f}",
-            )
+                loss=f"{s.sums['loss'] / seen:.3f}", acc=f"{s.sums['correct'] / seen:.3f}", lr=f"{lr:.2e}",
+                img_s=f"{(s.sums['seen'] - seen0) * self.d.world / (time.perf_counter() - t_epoch):.0f}",
+            )  # fmt: skip
             bar.update(1)
-            if on_calibrated is not None and s.epoch == 0 and s.step_in_epoch == min(6, self.steps_per_epoch):
-                on_calibrated(s.sums["step"] / s.step_in_epoch, self)
-            if self.stop_signal is not None:
+            self.first_estimate()
+            if self.stop_requested():
                 bar.close()
                 self.save_checkpoint()
                 raise Stop()
         bar.close()
         seen = max(s.sums["seen"], 1)
-        out = dict(
+        return dict(
             train_loss=s.sums["loss"] / seen,
             train_acc=s.sums["correct"] / seen,
             data_wait=s.sums["wait"] / max(s.sums["step"], 1e-9),
             images_per_s=s.sums["seen"] * self.d.world / max(s.sums["step"], 1e-9),
             lr=lr,
         )
-        return out
 
+    # ----- evaluation and selection ----------------------------------------------------
     @torch.no_grad()
     def predict(self, model: nn.Module, loader=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax probabilities (N, K) and labels (N,) over the validation set."""
+        """Softmax probabilities (N, K) and labels (N,) over the validation set (or ``loader``)."""
         model.eval()
         probs, labels = [], []
         for x, y in loader or self.val_loader:
@@ -321,6 +421,7 @@ class Trainer:
         return torch.cat(probs), torch.cat(labels)
 
     def evaluate(self) -> dict:
+        """Validation loss and accuracy of the raw weights and, if kept, their EMA."""
         out = {}
         candidates = [("raw", self.model)] + ([("ema", self.ema.module)] if self.ema is not None else [])
         for name, m in candidates:
@@ -330,85 +431,57 @@ class Trainer:
             )
         return out
 
-    # ----- the whole run -------------------------------------------------------------
-    def fit(self, log, on_calibrated=None, on_epoch_end=None) -> State:
+    def select(self, scores: dict) -> bool:
+        """Keep the better of raw and EMA if it beats every earlier epoch (accuracy, then loss)."""
         s = self.state
-        self._install_signals()
-        try:
-            while s.epoch < s.total_epochs:
-                t0 = time.perf_counter()
-                tr = self.train_epoch(on_calibrated)
-                ev = self.evaluate()
-                best_name = max(ev, key=lambda k: (ev[k]["acc"], -ev[k]["loss"]))
-                best = ev[best_name]
-                row = dict(
-                    epoch=s.epoch + 1,
-                    **{k: round(v, 6) for k, v in tr.items()},
-                    val_loss=round(ev["raw"]["loss"], 6),
-                    val_acc=round(ev["raw"]["acc"], 6),
-                    ema_val_loss=round(ev["ema"]["loss"], 6) if "ema" in ev else "",
-                    ema_val_acc=round(ev["ema"]["acc"], 6) if "ema" in ev else "",
-                    seconds=round(time.perf_counter() - t0, 2),
-                )
-                improved = (best["acc"], -best["loss"]) > (s.best_acc, -s.best_loss)
-                if improved:
-                    s.best_acc, s.best_loss, s.best_epoch, s.best_weights = (
-                        best["acc"],
-                        best["loss"],
-                        s.epoch + 1,
-                        best_name,
-                    )
-                    if self.d.main:
-                        self.save_best(best_name)
-                s.epoch += 1
-                s.step_in_epoch = 0
-                s.sums = State().sums
-                if on_epoch_end is not None:
-                    on_epoch_end(self)
-                if self.d.main:
-                    self.append_metrics(row)
-                    log(
-                        f"epoch {row['epoch']:>3}/{s.total_epochs}  loss {row['train_loss']:.4f}  "
-                        f"acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}"
-                        + (f"  ema_val_acc {row['ema_val_acc']:.3f}" if row["ema_val_acc"] != "" else "")
-                        + f"  {row['images_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}"
-                        + ("  *best" if improved else "")
-                    )
-                self.save_checkpoint()
-        finally:
-            self._restore_signals()
-        return s
+        name = max(scores, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
+        best = scores[name]
+        if (best["acc"], -best["loss"]) <= (s.best_acc, -s.best_loss):
+            return False
+        s.best_acc, s.best_loss, s.best_epoch, s.best_weights = best["acc"], best["loss"], s.epoch + 1, name
+        if self.d.main:
+            self.save_best(name)
+        return True
 
-    def save_best(self, which: str) -> None:
-        model = self.ema.module if which == "ema" else self.model
-        files.save_safetensors(
-            self.run_dir / "model.safetensors", model.state_dict(), metadata={"format": "pt", "weights": which}
+    def log_epoch(self, row: dict, improved: bool) -> None:
+        if not self.d.main:
+            return
+        report.append_metrics(self.run_dir / "metrics.csv", row)
+        self.log(
+            f"epoch {row['epoch']:>3}/{self.state.total_epochs}  loss {row['train_loss']:.4f}  "
+            f"acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}"
+            + (f"  ema_val_acc {row['ema_val_acc']:.3f}" if row["ema_val_acc"] != "" else "")
+            + f"  {row['images_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}"
+            + ("  *best" if improved else "")
         )
 
-    def append_metrics(self, row: dict) -> None:
-        path = self.run_dir / "metrics.csv"
-        rows = list(csv.DictReader(path.open())) if path.exists() else []
-        rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(row))
-        w.writeheader()
-        w.writerows(rows)
-        files.write_text(path, buf.getvalue())
-
-    def _install_signals(self) -> None:
-        self._old = {}
-
-        def handler(signum, frame):
-            if self.stop_signal is not None:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-
-    def _restore_signals(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    # ----- the whole run -------------------------------------------------------------
+    def fit(self, resumed: bool = False) -> State:
+        """Train -> evaluate -> select -> log, to the last epoch. Raises ``Stop`` (after saving a
+        checkpoint) on SIGINT/SIGTERM. A resumed run keeps the length its budget gave it."""
+        s = self.state
+        with self.signals:
+            while s.epoch < s.total_epochs:
+                t0 = time.perf_counter()
+                train = self.train_epoch()
+                scores = self.evaluate()
+                improved = self.select(scores)
+                row = dict(
+                    epoch=s.epoch + 1,
+                    **{k: round(v, 6) for k, v in train.items()},
+                    val_loss=round(scores["raw"]["loss"], 6),
+                    val_acc=round(scores["raw"]["acc"], 6),
+                    ema_val_loss=round(scores["ema"]["loss"], 6) if "ema" in scores else "",
+                    ema_val_acc=round(scores["ema"]["acc"], 6) if "ema" in scores else "",
+                    seconds=round(time.perf_counter() - t0, 2),
+                )
+                s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, State().sums
+                if self.budget is not None and not resumed:
+                    elapsed = time.perf_counter() - self.started
+                    epochs = self.budget.after_epoch(time.perf_counter() - t0, s.epoch, s.total_epochs, elapsed)
+                    self.set_total_epochs(epochs, statistics.median(self.budget.epoch_seconds))
+                self.log_epoch(row, improved)
+                self.save_checkpoint()
+                if self.stop_requested() and s.epoch < s.total_epochs:  # a signal during validation
+                    raise Stop()
+        return s

@@ -151,13 +151,14 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """The paper's hybrid input (§3.1, "Hybrid Architecture"): tokens from a CNN feature map.
+    """A convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
 
-    log2(P) stride-2 3x3 convolutions (BatchNorm, ReLU), widening towards D, then a 1x1
-    projection to D, so the token grid is the same H/P x W/P as with patches. This is the
-    stem of Xiao et al. 2021 ("Early Convolutions Help Transformers See Better"), which
-    trains faster and more stably from scratch; it costs a few percent of the encoder's
-    compute. Pretrained ViT weights use ``PatchEmbed``; this stem is for training from scratch.
+    Like the paper's hybrid input (§3.1), tokens come from a CNN feature map, but a small one
+    trained with the transformer, not a ResNet's: log2(P) stride-2 3x3 convolutions
+    (BatchNorm, ReLU), widening towards D, then a 1x1 projection to D, so the token grid is
+    the same H/P x W/P as with patches. It trains faster and more stably from scratch; it
+    costs a few percent of the encoder's compute. Pretrained ViT weights use ``PatchEmbed``;
+    this stem is for training from scratch.
     """
 
     def __init__(self, patch_size: int, in_chans: int, dim: int):
@@ -378,10 +379,10 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """From-scratch initialisation of the JAX reference (big_vision ``vit.py``).
+        """From-scratch initialisation, after timm's ``init_weights`` and the paper's JAX code.
 
-        Dense kernels: truncated normal std .02 (timm) with zero biases; patch embedding:
-        LeCun normal; class token: zeros; head: zeros, so an untrained model predicts
+        Dense kernels: truncated normal std .02 (timm's choice) with zero biases; patch
+        embedding: LeCun normal (as timm's "jax" mode); class token: zeros; head: zeros, so an untrained model predicts
         uniform probabilities (first loss = ln K). The position embedding is still learned,
         as in the paper, but starts as the 2-D sin-cos table of "Better plain ViT baselines"
         (Beyer et al. 2022) instead of noise of std .02: position is then visible from the
@@ -474,24 +475,3 @@ class ViT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    # Loading and conversion live in vit.convert; these are the doors to it.
-    @classmethod
-    def from_timm(cls, source, **kwargs) -> ViT:
-        """A ViT with the weights of a timm model, model name or checkpoint file.
-
-        ``source`` is a timm ``VisionTransformer``, a timm model name (pretrained weights
-        are downloaded by timm, so this needs the network), or a path to a ``.safetensors``
-        / ``.pth`` / ``.bin`` checkpoint. Keyword arguments (``num_classes``,
-        ``image_size``, ``heads``, ...) go to ``vit.convert.from_timm``.
-        """
-        from vit.convert import from_timm
-
-        return from_timm(source, **kwargs)
-
-    @classmethod
-    def from_npz(cls, path, **kwargs) -> ViT:
-        """A ViT with the weights of a Google ``.npz`` checkpoint (the paper's releases)."""
-        from vit.convert import load_npz
-
-        return load_npz(path, **kwargs)

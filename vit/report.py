@@ -7,12 +7,24 @@ validation split and ``train.py --eval`` on another folder.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from vit import files
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    """Add (or, after a resume, replace) one epoch's row of ``metrics.csv``, atomically."""
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(row))
+    w.writeheader()
+    w.writerows(rows)
+    files.write_text(path, buf.getvalue())
 
 
 def per_class_scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:

@@ -1,0 +1,132 @@
+"""A training run's folder: the one owner of its files, for every command that reads a run.
+
+    RUN_DIR/config.json        model config, labels, preprocessing, settings, data root, result
+    RUN_DIR/split.json         the train / validation / test items: (path relative to the data root, class)
+    RUN_DIR/skipped.json       files the scan skipped, and notes on files it used anyway
+    RUN_DIR/checkpoint.pt      everything to resume
+    RUN_DIR/model.safetensors  the best weights
+
+train.py, ``--eval``, export and the Space builder all go through ``RunDir``. Every write is
+atomic. This module imports no torch until a model is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from vit import files
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used as asked; the message says what to do."""
+
+
+def stratified_sample(items: list[tuple[str, int]], limit: int | None, seed: int = 0) -> list[tuple[str, int]]:
+    """At most ``limit`` items with every class in its share (at least one each), seeded.
+
+    ``split.json`` is sorted by path, so grouped by class: its first N items would cover
+    only the first classes.
+    """
+    items = sorted(tuple(x) for x in items)
+    if limit is None or len(items) <= limit:
+        return items
+    by_class: dict[int, list] = defaultdict(list)
+    for it in items:
+        by_class[it[1]].append(it)
+    rng = random.Random(seed)
+    out = []
+    for label in sorted(by_class):
+        group = by_class[label]
+        rng.shuffle(group)
+        out += group[: max(1, round(limit * len(group) / len(items)))]
+    return sorted(out)
+
+
+class RunDir:
+    CONFIG, SPLIT, SKIPPED = "config.json", "split.json", "skipped.json"
+    CHECKPOINT, WEIGHTS = "checkpoint.pt", "model.safetensors"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ----- what is there ---------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self / self.CONFIG).exists() or (self / self.CHECKPOINT).exists()
+
+    def is_resumable(self) -> bool:
+        return (self / self.CONFIG).is_file() and (self / self.CHECKPOINT).is_file()
+
+    def is_trained(self) -> bool:
+        return (self / self.CONFIG).is_file() and (self / self.WEIGHTS).is_file()
+
+    def require_trained(self) -> None:
+        if not self.is_trained():
+            raise RunError(
+                f"{self.path} is not a training run: it needs config.json and model.safetensors "
+                "(made by python train.py)"
+            )
+
+    # ----- files -----------------------------------------------------------------------
+    def config(self) -> dict:
+        return json.loads((self / self.CONFIG).read_text(encoding="utf-8"))
+
+    def write_config(self, config: dict) -> None:
+        files.write_json(self / self.CONFIG, config)
+
+    def split(self) -> dict:
+        return json.loads((self / self.SPLIT).read_text(encoding="utf-8"))
+
+    def write_split(self, train: list, val: list, test: list, seed: int, val_fraction: float) -> None:
+        files.write_json(self / self.SPLIT, dict(seed=seed, val_fraction=val_fraction, train=train, val=val, test=test))
+
+    def write_skipped(self, skipped: list[tuple[str, str]], notes: list[tuple[str, str]]) -> None:
+        files.write_json(
+            self / self.SKIPPED,
+            dict(
+                skipped=[dict(file=r, reason=w) for r, w in skipped],
+                used_with_notes=[dict(file=r, note=n) for r, n in notes],
+            ),
+        )
+
+    # ----- data ------------------------------------------------------------------------
+    def data_root(self, override: str | os.PathLike | None = None) -> Path:
+        """The folder the run's split refers to: ``override`` if given, else the one it trained on."""
+        if override is not None:
+            root = Path(override).expanduser().resolve()
+        else:
+            cfg = self.config()
+            saved = cfg.get("data", {}).get("root") or cfg["train"]["data"]
+            root = Path(saved)
+            if not root.is_absolute():  # runs made before the root was stored resolved
+                root = (self.path / root).resolve() if (self.path / root).is_dir() else root.resolve()
+        if not root.is_dir():
+            raise RunError(
+                f"the run's data folder {root} is not there: pass the folder it was trained on with --data PATH"
+            )
+        return root
+
+    def items(self, which: str, limit: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
+        """The run's ``val`` or ``test`` items (or ``train``), stratified down to ``limit``."""
+        return stratified_sample(self.split().get(which) or [], limit, seed)
+
+    # ----- the model -------------------------------------------------------------------
+    def load_model(self):
+        """The run's ViT with its best weights, in eval mode."""
+        from safetensors.torch import load_file
+
+        from vit.model import ViT, ViTConfig
+
+        self.require_trained()
+        model = ViT(ViTConfig.from_dict(self.config()["model"]))
+        model.load_state_dict(load_file(str(self / self.WEIGHTS)))
+        return model.eval()
