@@ -9,21 +9,28 @@ Four parts: load the model, preprocess (vit.runtime, shared with training), pred
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import csv
 import io
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import gradio as gr
-import numpy as np
-from PIL import Image
+# Gradio sends usage analytics unless told not to; this app sends nothing unless the user
+# sets GRADIO_ANALYTICS_ENABLED=True themselves.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from vit.imageio import BadImage, open_image
-from vit.runtime import Classifier, ModelFileError, overlay, usable_cpus
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vit.cpus import usable_cpus  # noqa: E402
+from vit.imageio import BadImage, open_image  # noqa: E402
+from vit.runtime import Classifier, ModelFileError, overlay  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
@@ -32,15 +39,12 @@ EXAMPLES = ASSETS / "examples"
 MAX_UPLOAD_MB = 10
 MAX_PIXELS = 40_000_000  # decoded pixels per image; bigger uploads are refused, not decoded
 MAX_BATCH = 64
+CACHE_HOURS = 1  # files a visitor got (CSVs, Gradio's copies of uploads) are deleted after this
 
 
 # --------------------------------------------------------------------------------------
-# 1. Load the model (once, at start-up; Classifier warms the session up)
+# 1. Load the model: vit.runtime.Classifier, once, at start-up (it warms the session up)
 # --------------------------------------------------------------------------------------
-
-
-def load_model(path: str | os.PathLike) -> Classifier:
-    return Classifier(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -49,19 +53,23 @@ def load_model(path: str | os.PathLike) -> Classifier:
 
 
 def read_upload(image, max_bytes: int, max_pixels: int) -> Image.Image:
-    """An uploaded file path (or PIL image, or sketch) -> upright RGB, or a gr.Error a person understands."""
-    if isinstance(image, dict):  # the drawing canvas: its flattened picture
+    """An uploaded file path or the canvas's raw bytes (or a PIL image, for code) -> upright RGB,
+    or a gr.Error a person understands. Every input passes the same byte and pixel limits."""
+    if isinstance(image, dict):  # a canvas value from code: its flattened picture
         image = image.get("composite")
     if image is None:
         raise gr.Error("No image yet: upload one, take a photo, paste one or draw a shape.")
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    if isinstance(image, (str, Path)):
+    size = None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        size, image = len(image), io.BytesIO(bytes(image))
+    elif isinstance(image, (str, Path)):
         size = os.path.getsize(image) if os.path.exists(image) else 0
-        if size > max_bytes:
-            raise gr.Error(f"That file is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
+    if size is not None and size > max_bytes:
+        raise gr.Error(f"That file is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
     try:
-        return open_image(image, max_pixels=max_pixels, check_extension=False)
+        return open_image(image, max_pixels=max_pixels)
     except BadImage as e:
         reason = str(e).split(": ", 1)[-1]
         raise gr.Error(f"Could not use this file as an image: {reason}.") from None
@@ -86,6 +94,30 @@ def upload_path_image(**kwargs) -> gr.Image:
     return image
 
 
+def raw_canvas(**kwargs) -> gr.Sketchpad:
+    """A drawing canvas whose input is the raw flattened picture (a path or bytes), for the same
+    reason: Gradio's own preprocessing would decode the background, every layer and the
+    composite with PIL before the app's byte and pixel limits could look at them."""
+    from gradio.data_classes import FileData
+
+    pad = gr.Sketchpad(type="filepath", **kwargs)
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        if payload.id is not None:  # sent as blobs
+            cached = pad.blob_storage.get(payload.id)
+            composite = cached.composite if cached else None
+        else:
+            composite = payload.composite
+        if composite is None:
+            return None
+        return composite.path if isinstance(composite, FileData) else bytes(composite)
+
+    pad.preprocess = preprocess
+    return pad
+
+
 # --------------------------------------------------------------------------------------
 # 3. Predict
 # --------------------------------------------------------------------------------------
@@ -107,6 +139,15 @@ class Predictor:
 
     def __init__(self, clf: Classifier, max_bytes: int = MAX_UPLOAD_MB * 2**20, max_pixels: int = MAX_PIXELS):
         self.clf, self.max_bytes, self.max_pixels = clf, max_bytes, max_pixels
+        self.csv_dir = Path(tempfile.mkdtemp(prefix="vit-app-csv-"))
+        atexit.register(shutil.rmtree, self.csv_dir, ignore_errors=True)
+
+    def prune_csvs(self, max_age_s: float = CACHE_HOURS * 3600) -> None:
+        """Delete CSVs older than ``max_age_s``: Gradio keeps its own copy for the download."""
+        now = time.time()
+        for p in self.csv_dir.glob("*.csv"):
+            if now - p.stat().st_mtime > max_age_s:
+                p.unlink(missing_ok=True)
 
     def predict(self, image):
         """One image -> ({label: probability}, attention overlay as HTML, a note with time and certainty)."""
@@ -146,7 +187,8 @@ class Predictor:
             (l1, p1), (l2, p2) = pred.top_k[0], (pred.top_k[1] if len(pred.top_k) > 1 else ("", 0.0))
             rows.append([name, l1, round(p1, 4), f"{l2} ({p2:.0%})", "" if pred.sure else "not sure"])
         header = ["file", "label", "probability", "runner-up", "note"]
-        fd, csv_path = tempfile.mkstemp(prefix="predictions-", suffix=".csv")
+        self.prune_csvs()
+        fd, csv_path = tempfile.mkstemp(prefix="predictions-", suffix=".csv", dir=self.csv_dir)
         with os.fdopen(fd, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
@@ -161,13 +203,21 @@ class Predictor:
 # --------------------------------------------------------------------------------------
 
 
+def precision(quantization: str) -> str:
+    return "fp32" if quantization in ("none", "", None) else quantization
+
+
 def model_facts(clf: Classifier) -> str:
     i = clf.info()
     acc = f"{float(i['val_accuracy']):.1%}" if i.get("val_accuracy") else "not recorded"
+    test = clf.metadata.get("test_accuracy")
+    if test:
+        acc += f" · **Held-out test accuracy:** {float(test):.1%} ({clf.metadata.get('test_images', '?')} images)"
     return (
         f"**Classes ({len(i['labels'])}):** {', '.join(i['labels'])}  \n"
         f"**Input:** {i['image_size'][0]}x{i['image_size'][1]} px · **Validation accuracy:** {acc} · "
-        f'**"Not sure" below:** {clf.threshold:.0%} · **Weights:** {i["quantization"]}  \n'
+        f'**"Not sure" below:** {clf.threshold:.0%} · **Precision:** {precision(i["quantization"])} · '
+        f"**Weights:** {clf.metadata.get('initialization', 'not recorded')}  \n"
         f"**File:** {clf.path.name}, exported {i.get('exported_at') or '?'}"
     )
 
@@ -175,7 +225,8 @@ def model_facts(clf: Classifier) -> str:
 def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_mb: float = MAX_UPLOAD_MB) -> gr.Blocks:
     app = Predictor(clf, max_bytes=int(max_upload_mb * 2**20))
     canvas = clf.metadata.get("canvas") == "true"
-    with gr.Blocks(title="ViT image classifier") as demo:
+    hours = CACHE_HOURS * 3600
+    with gr.Blocks(title="ViT image classifier", delete_cache=(hours, hours)) as demo:
         gr.Markdown(
             "# ViT image classifier\nUpload, photograph or paste an image and see what the model thinks "
             "and where it looked."
@@ -208,7 +259,7 @@ def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_m
             with gr.Tab("Draw"):
                 with gr.Row():
                     with gr.Column():
-                        sketch = gr.Sketchpad(label="Draw a shape", type="numpy", canvas_size=(320, 320))
+                        sketch = raw_canvas(label="Draw a shape", canvas_size=(320, 320))
                         draw_go = gr.Button("Classify drawing", variant="primary")
                     with gr.Column():
                         d_label, d_note = gr.Label(num_top_classes=5, label="Prediction"), gr.Markdown()
@@ -222,7 +273,7 @@ def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_m
             batch_go.click(app.predict_batch, batch, [table, csv_out], api_name="predict_batch")
         with gr.Accordion("About this model", open=False):
             gr.Markdown(model_facts(clf))
-    # One request per CPU at a time, a bounded waiting line: the session runs on every CPU.
+    # One request per two CPUs at a time, a bounded waiting line: each prediction runs on every CPU.
     demo.queue(default_concurrency_limit=max(1, usable_cpus() // 2), max_size=256)
     return demo
 
@@ -255,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB)
     a = p.parse_args(argv)
     try:
-        clf = load_model(a.model)
+        clf = Classifier(a.model)
     except ModelFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

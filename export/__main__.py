@@ -27,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8", action="store_true", help="also write an int8 copy, if it passes the accuracy gate")
     p.add_argument("--no-attention", action="store_true", help="logits only: no attention-map output")
     p.add_argument("--canvas", action="store_true", help="mark the model as one for drawings: the app offers a canvas")
+    p.add_argument(
+        "--data", type=Path, default=None, help="the run's image folder, if it is no longer where the run was trained"
+    )
     a = p.parse_args(argv)
     from export.onnx_export import ExportError, export_run
+    from vit.run import RunError
 
     try:
         export_run(
@@ -37,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             attention=not a.no_attention,
             int8=a.int8,
             extra_metadata={"canvas": "true"} if a.canvas else None,
+            data=a.data,
         )
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

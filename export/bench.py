@@ -16,7 +16,7 @@ what our export does. Writes benchmarks/onnx_latency_cpu.json.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import tempfile
 import time
@@ -26,10 +26,13 @@ import numpy as np
 import torch
 
 from export.onnx_export import export_module, ort_session, quantize_int8, save_proto, to_onnx
+from vit import files
 from vit.bench import machine
-from vit.convert import timm_kwargs
-from vit.model import ViT, ViTConfig
-from vit.runtime import usable_cpus
+from vit.convert import from_timm, timm_kwargs
+from vit.cpus import usable_cpus
+from vit.model import ViTConfig
+
+DEFAULT_NAME = "onnx_latency_cpu.json"
 
 
 def engines_for(variant: str, tmp: Path) -> dict:
@@ -41,7 +44,7 @@ def engines_for(variant: str, tmp: Path) -> dict:
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    ours = ViT.from_timm(ref).eval()
+    ours = from_timm(ref).eval()
     paths = {}
     for name, attention in (("fp32", True), ("fp32_logits_only", False)):
         paths[name] = tmp / f"{name}.onnx"
@@ -95,6 +98,16 @@ def measure(engines: dict, runs: int, warmup: int, block: int = 5) -> dict[str, 
     return times
 
 
+def output_path(out: Path) -> Path:
+    """``out`` if it names a .json file, else ``out/DEFAULT_NAME``; its folder is created and
+    must be writable."""
+    path = out if out.suffix == ".json" and not out.is_dir() else out / DEFAULT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise SystemExit(f"error: cannot write to {path.parent}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         prog="python -m export.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,8 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", default="Ti/16,S/16")
     p.add_argument("--runs", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("benchmarks") / "onnx_latency_cpu.json")
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks") / DEFAULT_NAME, help=f"a .json file or a folder ({DEFAULT_NAME})"
+    )  # fmt: skip
     a = p.parse_args(argv)
+    out = output_path(a.out)  # decided before minutes of measuring, not after
     threads = usable_cpus()
     torch.set_num_threads(threads)
     doc = dict(
@@ -129,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
             file_mib=sizes,
         )
         print(f"ViT-{variant}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()), flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=2) + "\n")
+    files.write_json(out, doc)
+    print(f"wrote {out}")
     print(markdown(doc))
     return doc
 

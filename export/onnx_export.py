@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,14 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit import files
-from vit.model import ViT, ViTConfig
+from vit.model import ViT
 from vit.report import expected_calibration_error
+from vit.run import RunDir
 from vit.runtime import softmax
 
 OPSET = 18
 MAX_ABS_LOGIT_DIFF = 1e-4
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_ACC_DROP = 0.005
+CALIBRATION_IMAGES = 2000  # validation images for temperature, threshold and the int8 gate (stratified)
+VERIFY_IMAGES = 256  # of those, compared with PyTorch (stratified too)
 
 
 class ExportError(RuntimeError):
@@ -47,8 +49,8 @@ class Exportable(nn.Module):
     The map is attention rollout (Abnar & Zuidema 2020): each block's head-averaged
     attention, mixed half-and-half with the identity for the residual path, chained from
     the last block down to the input. For a class-token model it is the class token's row,
-    i.e. how much each patch contributed to the prediction; without a class token, the
-    mean row. Shape (B, Gh, Gw), scaled so each map's maximum is 1.
+    i.e. how much each patch contributed to the prediction; for an average-pooled model
+    (class token or not), the mean row. Shape (B, Gh, Gw), scaled so each map's maximum is 1.
     """
 
     def __init__(self, model: ViT, attention: bool = True):
@@ -67,9 +69,9 @@ class Exportable(nn.Module):
         for a in reversed(attns):  # (B, h, Nq, N)
             if v is None:
                 n = a.shape[-1]
-                if cfg.class_token:  # the class token's row of R
+                if cfg.pool == "token":  # the class token's row of R: what reaches the head
                     row, eye = a[:, :, :1].mean(1), F.one_hot(torch.tensor(0), n).to(a.dtype)
-                else:  # the mean row of R
+                else:  # the mean row of R (an average-pooled model, with or without a class token)
                     row, eye = a.mean(2).mean(1, keepdim=True), torch.full((n,), 1.0 / n, dtype=a.dtype)
                 v = 0.5 * row + 0.5 * eye
             else:
@@ -117,10 +119,11 @@ def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
             proto.metadata_props.add(key=k, value=v)
 
 
-def run_metadata(run_dir: Path, run: dict, weights: Path, attention: bool, threshold: float) -> dict[str, str]:
+def run_metadata(run: dict, weights: Path, attention: bool, threshold: float) -> dict[str, str]:
     """Everything a reader of the file needs, as strings (JSON where structured)."""
     p = run["preprocessing"]
     result = run.get("result", {})
+    source = run["train"].get("pretrained")
     return {
         "labels": json.dumps(run["labels"]),
         "image_size": json.dumps(p["image_size"]),
@@ -129,6 +132,10 @@ def run_metadata(run_dir: Path, run: dict, weights: Path, attention: bool, thres
         "interpolation": p["interpolation"],
         "crop_pct": str(p["crop_pct"]),
         "model_config": json.dumps(run["model"]),
+        "initialization": f"fine-tuned from {Path(source).name if Path(source).exists() else source}"
+        if source
+        else "trained from scratch",
+        "train_images": str(run.get("data", {}).get("train_images", "")),
         "val_accuracy": str(result.get("val_acc", "")),
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -142,24 +149,21 @@ def run_metadata(run_dir: Path, run: dict, weights: Path, attention: bool, thres
     }
 
 
-def ort_session(proto_or_path, threads: int | None = None, spin: bool = True):
-    import onnxruntime as ort
+def ort_session(model, threads: int | None = None, spin: bool = True):
+    """``vit.runtime.ort_session`` (the app's settings) for a path or an in-memory model."""
+    from vit.runtime import ort_session as session
 
-    from vit.runtime import usable_cpus
-
-    opts = ort.SessionOptions()
-    if not spin:  # idle worker threads sleep instead of spinning (fair when sharing CPUs with torch)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what the app uses
-    opts.intra_op_num_threads = threads or usable_cpus()
-    src = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    return session(model.SerializeToString() if isinstance(model, onnx.ModelProto) else model, threads, spin)
 
 
 def ort_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(
         [session.run(["logits"], {"pixel_values": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     )
+
+
+def ort_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
+    return float((ort_logits(ort_session(model), x).argmax(1) == y).mean())
 
 
 @torch.no_grad()
@@ -202,29 +206,26 @@ def save_proto(proto: onnx.ModelProto, out: Path) -> None:
 
 
 def load_run(run_dir: Path) -> tuple[ViT, dict, Path]:
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
+    run = RunDir(run_dir)
+    if not run.is_trained():
         raise ExportError(
             f"{run_dir} is not a training run: it needs config.json and model.safetensors (made by python train.py)"
         )
-    run = json.loads(cfg_path.read_text())
-    model = ViT(ViTConfig.from_dict(run["model"]))
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval(), run, weights
+    return run.load_model(), run.config(), run / RunDir.WEIGHTS
 
 
-def validation_inputs(run_dir: Path, run: dict, limit: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """The run's validation images, preprocessed exactly as the runtime will, and labels."""
+def split_inputs(
+    run_dir: Path, which: str = "val", limit: int | None = CALIBRATION_IMAGES, data: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The run's ``val`` (or ``test``) images, a seeded sample stratified over every class
+    (all of them up to ``limit``), preprocessed exactly as the runtime will, and labels."""
     from vit.imageio import BadImage, open_image, preprocess
 
-    split = json.loads((Path(run_dir) / "split.json").read_text())
-    root = Path(run["train"]["data"])
-    p = run["preprocessing"]
+    run = RunDir(run_dir)
+    p = run.config()["preprocessing"]
+    root = run.data_root(data)
     xs, ys = [], []
-    for rel, y in split["val"][:limit]:
+    for rel, y in run.items(which, limit):
         try:
             img = open_image(root / rel)
         except (BadImage, OSError):
@@ -233,7 +234,7 @@ def validation_inputs(run_dir: Path, run: dict, limit: int = 512) -> tuple[np.nd
         ys.append(y)
     if not xs:
         raise ExportError(
-            f"no validation images found under {root}: the run's data folder is needed to verify the export"
+            f"no {which} images found under {root}: the run's data folder is needed; pass it with --data PATH"
         )
     return np.stack(xs), np.array(ys)
 
@@ -289,26 +290,41 @@ def export_run(
     int8: bool = False,
     log=print,
     extra_metadata: dict[str, str] | None = None,
+    data: Path | None = None,
 ) -> dict:
-    """Export, verify, and write ``out`` (and ``out``'s ``.int8.onnx`` twin if asked and passed)."""
+    """Export, verify, and write ``out`` (and ``out``'s ``.int8.onnx`` twin if asked and passed).
+
+    ``data``: where the run's images are now, if not where it was trained. An older int8 twin
+    of ``out`` is removed unless a new one passes its gate: it would describe other weights.
+    """
     model, run, weights = load_run(run_dir)
-    x, y = validation_inputs(run_dir, run)
-    logits = torch_logits(model, x)
+    x, y = split_inputs(run_dir, "val", CALIBRATION_IMAGES, data)
+    proto = to_onnx(model, attention)
+    check_x = np.concatenate([x[y == k][: max(1, VERIFY_IMAGES // model.config.num_classes)] for k in np.unique(y)])
+    check = verify(proto, model, check_x, attention)
+    logits = ort_logits(ort_session(proto), x)  # verified equal to PyTorch, and faster
     temperature = fit_temperature(logits, y)
     probs = softmax(logits / temperature)
     threshold = confidence_threshold(probs, y, model.config.num_classes)
+    classes = len(np.unique(y))
     log(
-        f"calibration: temperature {temperature:.3f}, expected calibration error on {len(y)} validation images "
-        f"{expected_calibration_error(softmax(logits), y):.3f} -> {expected_calibration_error(probs, y):.3f}"
+        f"calibration on {len(y)} validation images ({classes} classes): temperature {temperature:.3f}, expected "
+        f"calibration error {expected_calibration_error(softmax(logits), y):.3f} -> "
+        f"{expected_calibration_error(probs, y):.3f}, 'not sure' below {threshold:.3f}"
     )
-    meta = run_metadata(Path(run_dir), run, weights, attention, threshold)
+    meta = run_metadata(run, weights, attention, threshold)
     meta["temperature"] = f"{temperature:.4f}"
     meta["temperature_rule"] = (
         "fitted on the validation split to minimise NLL; probabilities are softmax(logits / temperature)"
     )
-    proto = to_onnx(model, attention)
+    meta["calibration_images"] = str(len(y))
+    test = None
+    if RunDir(run_dir).split().get("test"):
+        test = split_inputs(run_dir, "test", None, data)
+        meta["test_accuracy"] = f"{ort_accuracy(proto, *test):.4f}"
+        meta["test_images"] = str(len(test[1]))
+        log(f"held-out test accuracy {float(meta['test_accuracy']):.2%} on {len(test[1])} images (this file)")
     set_metadata(proto, {**meta, **(extra_metadata or {})})
-    check = verify(proto, model, x, attention)
     out = Path(out)
     save_proto(proto, out)
     log(
@@ -316,22 +332,34 @@ def export_run(
         f"max |Δ logits| vs PyTorch {check['max_abs_logit_diff']:.1e} "
         f"on {check['images']} validation images, top-1 agreement {check['top1_agreement']:.0%}"
     )
-    result = dict(fp32=dict(path=str(out), **check))
+    result = dict(fp32=dict(path=str(out), calibration_images=len(y), temperature=temperature, **check))
+    twin = int8_path(out)
     if int8:
-        result["int8"] = export_int8(out, x, y, log)
+        result["int8"] = export_int8(out, x, y, log, test)
+    if twin.exists() and not (int8 and result["int8"]["path"]):
+        twin.unlink()
+        log(f"removed {twin}: it was made from other weights")
     return result
 
 
-def export_int8(fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print) -> dict:
-    """Quantise ``fp32_path``; keep the result only if it passes the accuracy gate."""
-    dst = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+def int8_path(fp32_path: Path) -> Path:
+    return fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+
+
+def export_int8(fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print, test=None) -> dict:
+    """Quantise ``fp32_path``; keep the result only if it passes the accuracy gate (on the
+    validation images ``x``, ``y``). ``test``: held-out (x, y) whose accuracy goes in the file."""
+    dst = int8_path(fp32_path)
     with tempfile.TemporaryDirectory() as tmp:
         q = Path(tmp) / "q.onnx"
         quantize_int8(fp32_path, q)
         proto = onnx.load(str(q))
         src_meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
-        set_metadata(proto, {**src_meta, "quantization": "int8-dynamic (MatMul/Gemm weights, per channel)"})
+        meta = {**src_meta, "quantization": "int8-dynamic (MatMul/Gemm weights, per channel)"}
         gate = int8_gate(ort_logits(ort_session(fp32_path), x), ort_logits(ort_session(proto), x), y)
+        if test is not None:
+            meta["test_accuracy"] = f"{ort_accuracy(proto, *test):.4f}"
+        set_metadata(proto, meta)
         numbers = (
             f"top-1 agreement with fp32 {gate['top1_agreement']:.2%} (need >= {INT8_MIN_AGREEMENT:.0%}), "
             f"accuracy {gate['fp32_accuracy']:.2%} -> {gate['int8_accuracy']:.2%} (max drop "
@@ -343,7 +371,3 @@ def export_int8(fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print) -> dic
         save_proto(proto, dst)
     log(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB): {numbers}")
     return dict(path=str(dst), **gate)
-
-
-def onnx_file_sha(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

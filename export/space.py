@@ -27,27 +27,56 @@ def versions() -> dict[str, str]:
     return {name: version(name) for name in ("gradio", "onnxruntime", "numpy", "pillow")}
 
 
-def pick_examples(run_dir: Path, per_class: int, limit: int = 12) -> list[tuple[Path, str]]:
+def pick_examples(run_dir: Path, per_class: int, limit: int = 12, data: Path | None = None) -> list[tuple[Path, str]]:
     """Validation images, round-robin over classes, as (path, label)."""
-    run = json.loads((run_dir / "config.json").read_text())
-    split = json.loads((run_dir / "split.json").read_text())
-    root = Path(run["train"]["data"])
+    from vit.run import RunDir
+
+    run = RunDir(run_dir)
+    labels, root = run.config()["labels"], run.data_root(data)
     by_class: dict[int, list[str]] = {}
-    for rel, y in split["val"]:
+    for rel, y in run.items("val"):
         by_class.setdefault(y, []).append(rel)
     picked = []
     for k in range(per_class):
         for y in sorted(by_class):
             if k < len(by_class[y]) and len(picked) < limit:
-                picked.append((root / by_class[y][k], run["labels"][y]))
+                picked.append((root / by_class[y][k], labels[y]))
     return picked
+
+
+def results_lines(meta: dict, report: dict | None) -> list[str]:
+    """The card's results: the held-out test first when there is one, then validation."""
+    lines, acc = [], meta.get("val_accuracy")
+    if meta.get("test_accuracy"):
+        lines.append(
+            f"Held-out test accuracy **{float(meta['test_accuracy']):.2%}** on {meta.get('test_images', '?')} "
+            "images of the run's test/ folder, which was never used for any choice (this file, measured at export)."
+        )
+        lines.append("")
+    if acc:
+        lines.append(
+            f"Validation accuracy {float(acc):.2%}. The validation split chose the kept epoch, the calibration "
+            'temperature and the "not sure" threshold, so it is an optimistic estimate'
+            + ("." if meta.get("test_accuracy") else "; the run had no test/ folder for an unbiased one.")
+        )
+    if report:
+        lines += [
+            "",
+            f"Macro F1 {report['macro']['f1']:.3f}, expected calibration error {report['ece']:.3f}, "
+            f"{report['n']} validation images.",
+            "",
+            "| class | precision | recall | F1 | images |",
+            "|---|---|---|---|---|",
+        ]
+        for c, r in report["per_class"].items():
+            lines.append(f"| {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
+    return lines
 
 
 def model_card(meta: dict, report: dict | None, title: str) -> str:
     labels = json.loads(meta["labels"])
     cfg = json.loads(meta["model_config"])
     size = json.loads(meta["image_size"])
-    acc = meta.get("val_accuracy")
     lines = [
         f"# {title}",
         "",
@@ -61,7 +90,9 @@ def model_card(meta: dict, report: dict | None, title: str) -> str:
         f"{cfg['patch_size']}), input {size[0]}x{size[1]} px, pooling by {cfg['pool']}.",
         f"- Preprocessing (inside the ONNX file's metadata): resize ({meta['interpolation']}), centre crop "
         f"{float(meta['crop_pct']):.3f}, mean {meta['mean']}, std {meta['std']}.",
-        f"- Weights: {meta.get('quantization', 'none')}; "
+        f"- Weights: {meta.get('initialization', 'not recorded')}"
+        + (f" on {meta['train_images']} images" if meta.get("train_images") else "")
+        + f"; {'fp32' if meta.get('quantization', 'none') == 'none' else meta['quantization']}; "
         f"SHA-256 of the trained weights {meta['weights_sha256'][:16]}...",
         f'- The app says "not sure" below a top probability of {float(meta.get("threshold", 0)):.0%} '
         f"({meta.get('threshold_rule', '')}).",
@@ -69,34 +100,46 @@ def model_card(meta: dict, report: dict | None, title: str) -> str:
         "## Results",
         "",
     ]
-    if acc:
-        lines.append(f"Validation accuracy **{float(acc):.2%}** (the training run's held-out split).")
-    if report:
-        lines += [
-            "",
-            f"Macro F1 {report['macro']['f1']:.3f}, expected calibration error {report['ece']:.3f}, "
-            f"{report['n']} validation images.",
-            "",
-            "| class | precision | recall | F1 | images |",
-            "|---|---|---|---|---|",
-        ]
-        for c, r in report["per_class"].items():
-            lines.append(f"| {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
+    lines += results_lines(meta, report)
     lines += [
         "",
         "## Limits",
         "",
-        "The model knows only the classes above and was trained on the images it was given: images unlike "
-        'them get confident answers less often, and low-confidence answers are shown as "not sure". '
-        "Validation numbers come from the same source as the training images, not from the wild.",
+        "The model knows only the classes above: every image gets one of them as its answer, including "
+        "images that show none of them. Answers whose top probability is below the threshold are shown as "
+        '"not sure"; how often images unlike the training data get a confident answer has not been measured '
+        "for this model. The numbers above come from the same source as the training images, not from the wild.",
         "",
     ]
     return "\n".join(lines)
 
 
-def build_space(source: Path, out: Path, title: str | None = None, examples: Path | None = None) -> Path:
-    """Write the Space folder ``out`` from a run folder or an exported .onnx file."""
+def stage_model(source: Path, staging: Path, examples: Path | None, data: Path | None) -> dict | None:
+    """The model (exported and verified, for a run) and example images into ``staging``;
+    returns the run's validation report, if any."""
     from export.onnx_export import ExportError, export_run
+
+    if source.is_dir():
+        export_run(source, staging / "assets" / "model.onnx", data=data)
+        for i, (p, label) in enumerate(pick_examples(source, per_class=2, data=data)):
+            shutil.copy(p, staging / "assets" / "examples" / f"{label}_{i:02d}{p.suffix.lower()}")
+        return json.loads((source / "report.json").read_text()) if (source / "report.json").is_file() else None
+    if source.suffix != ".onnx":
+        raise ExportError(f"{source} is neither a run folder nor an .onnx file")
+    shutil.copy(source, staging / "assets" / "model.onnx")
+    ex = examples or (source.parent / "examples")
+    if ex.is_dir():
+        for p in sorted(ex.iterdir())[:12]:
+            if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                shutil.copy(p, staging / "assets" / "examples" / p.name)
+    return None
+
+
+def build_space(
+    source: Path, out: Path, title: str | None = None, examples: Path | None = None, data: Path | None = None
+) -> Path:
+    """Write the Space folder ``out`` from a run folder or an exported .onnx file."""
+    from export.onnx_export import ExportError
     from vit.runtime import Classifier
 
     source, out = Path(source), Path(out)
@@ -106,23 +149,7 @@ def build_space(source: Path, out: Path, title: str | None = None, examples: Pat
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "assets" / "examples").mkdir(parents=True)
     try:
-        report = None
-        if source.is_dir():
-            export_run(source, staging / "assets" / "model.onnx")
-            picks = pick_examples(source, per_class=2)
-            for i, (p, label) in enumerate(picks):
-                shutil.copy(p, staging / "assets" / "examples" / f"{label}_{i:02d}{p.suffix.lower()}")
-            if (source / "report.json").is_file():
-                report = json.loads((source / "report.json").read_text())
-        elif source.suffix == ".onnx":
-            shutil.copy(source, staging / "assets" / "model.onnx")
-            ex = examples or (source.parent / "examples")
-            if ex.is_dir():
-                for p in sorted(ex.iterdir())[:12]:
-                    if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-                        shutil.copy(p, staging / "assets" / "examples" / p.name)
-        else:
-            raise ExportError(f"{source} is neither a run folder nor an .onnx file")
+        report = stage_model(source, staging, examples, data)
         clf = Classifier(staging / "assets" / "model.onnx")  # proves the file loads and has its metadata
         meta = clf.metadata
         for rel in RUNTIME_FILES:
@@ -180,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the Space folder to create")
     p.add_argument("--title", default=None)
     p.add_argument("--examples", type=Path, default=None, help="example images for an .onnx source")
+    p.add_argument("--data", type=Path, default=None, help="the run's image folder, if it has moved since training")
     a = p.parse_args(argv)
     from export.onnx_export import ExportError
+    from vit.run import RunError
     from vit.runtime import ModelFileError
 
     try:
-        out = build_space(a.source, a.out, a.title, a.examples)
-    except (ExportError, ModelFileError, FileNotFoundError) as e:
+        out = build_space(a.source, a.out, a.title, a.examples, a.data)
+    except (ExportError, RunError, ModelFileError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -201,6 +201,9 @@ def test_space_folder_runs_from_its_own_directory(run_dir, tmp_path):
     assert f"sdk_version: {gradio.__version__}" in readme and "sdk: gradio" in readme and "app_file: app.py" in readme
     assert f"gradio=={gradio.__version__}" in req and "torch" not in req
     assert "Validation accuracy" in readme and (space / "assets" / "model.onnx").is_file()
+    # Item 21: say only what is known and measured.
+    assert "Weights: trained from scratch on" in readme and "Weights: none" not in readme
+    assert "confident answers less often" not in readme and "has not been measured" in readme
     assert len(list((space / "assets" / "examples").iterdir())) >= 4
     env = {"PYTHONPATH": "", "PYTHONNOUSERSITE": "1"}
     proc, url, _ = launch([], cwd=space, env=env)
@@ -280,3 +283,51 @@ def test_browser_renders_the_training_report(run_dir):
     text = screenshot_report(run_dir, ARTIFACTS / "report.png")
     assert "Validation report" in text and "macro average" in text
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+def test_canvas_input_is_bounded_like_uploads(exported, tmp_path):
+    """Item 11: the drawing canvas hands the app its raw picture (Gradio decodes nothing), and
+    the app's byte and pixel limits apply to it as to uploads."""
+    import gradio as gr
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData
+
+    import app
+    from vit.runtime import Classifier
+
+    huge = tmp_path / "huge.png"
+    Image.new("1", (10_000, 10_000)).save(huge)  # 100 MP in a few kB
+    with gr.Blocks():
+        pad = app.raw_canvas(canvas_size=(64, 64))
+    raw = pad.preprocess(EditorData(composite=FileData(path=str(huge)), layers=[]))
+    assert raw == str(huge)
+    predictor = app.Predictor(Classifier(exported[0]), max_bytes=2**20)
+    for value in (raw, huge.read_bytes()):
+        with pytest.raises(gr.Error, match="over the limit"):
+            predictor.predict(value)
+    with pytest.raises(gr.Error, match="the limit is 1 MB"):
+        predictor.predict(b"\0" * (2**20 + 1))
+    small = tmp_path / "drawing.png"
+    Image.new("RGB", (64, 64), "white").save(small)
+    label, _, note = predictor.predict(pad.preprocess(EditorData(composite=FileData(path=str(small)), layers=[])))
+    assert set(label) <= {"circle", "cross", "square", "triangle"} and "ms" in note
+
+
+def test_analytics_off_and_files_cleaned_up(exported):
+    """Item 20: no usage analytics unless the user turns them on; CSVs and Gradio's cache expire."""
+    code = "import app, gradio.analytics as a; print(a.analytics_enabled())"
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert res.stdout.strip() == "False", res.stderr
+    import app
+    from vit.runtime import Classifier
+
+    clf = Classifier(exported[0])
+    demo = app.build_ui(clf, examples_dir=None)
+    assert demo.delete_cache == (app.CACHE_HOURS * 3600, app.CACHE_HOURS * 3600)
+    predictor = app.Predictor(clf)
+    old = predictor.csv_dir / "predictions-old.csv"
+    old.write_text("file\n")
+    os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    _, csv_path = predictor.predict_batch([str(p) for p in sorted(app.EXAMPLES.glob("*.png"))[:2]])
+    assert Path(csv_path).parent == predictor.csv_dir and Path(csv_path).is_file() and not old.exists()
