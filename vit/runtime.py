@@ -13,15 +13,14 @@ crop, the "not sure" threshold) is read from the ONNX file's own metadata.
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from vit.cpus import usable_cpus
 from vit.imageio import DEFAULT_MAX_PIXELS, open_image, preprocess
 
 REQUIRED_METADATA = ("labels", "image_size", "mean", "std", "interpolation", "crop_pct")
@@ -37,20 +36,21 @@ class ModelFileError(ValueError):
     """The model file is missing, not ONNX, or not made by ``python -m export``."""
 
 
-def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
+def ort_session(model, threads: int | None = None, spin: bool = True):
+    """The one onnxruntime session set-up, for the app and for export's verification alike:
+    every graph optimisation, one inter-op thread, intra-op threads sized from the usable CPUs.
+    ``model``: a path or serialised bytes. ``spin=False`` lets idle threads sleep (fair when
+    another engine shares the CPUs, as in the benchmark)."""
+    import onnxruntime as ort
 
-    Containers often see the host's cores but may only use a few; sizing threads from the
-    host count oversubscribes them and slows everything down.
-    """
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:  # cgroup v2: "max 100000" or "200000 100000"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or usable_cpus()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
 @dataclass
@@ -69,17 +69,11 @@ class Classifier:
     """An ONNX file made by ``python -m export``, ready to classify PIL images."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, warmup: bool = True):
-        import onnxruntime as ort
-
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"model file not found: {path}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or usable_cpus()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort_session(path, threads)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise ModelFileError(f"{path} is not a valid ONNX model: {e}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -116,7 +110,7 @@ class Classifier:
 
     def preprocess(self, image) -> np.ndarray:
         """PIL image, path or file -> (3, H, W) float32, as training evaluated it."""
-        img = open_image(image, DEFAULT_MAX_PIXELS, check_extension=False)  # PIL images too: EXIF, mode
+        img = open_image(image, DEFAULT_MAX_PIXELS)  # PIL images too: EXIF, mode
         return preprocess(img, self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -143,11 +137,6 @@ class Classifier:
 
     def predict(self, image, top_k: int = 5) -> Prediction:
         return self.predict_many([image], top_k)[0]
-
-    def timed_predict(self, image, top_k: int = 5) -> tuple[Prediction, float]:
-        t0 = time.perf_counter()
-        pred = self.predict(image, top_k)
-        return pred, time.perf_counter() - t0
 
 
 def overlay(
