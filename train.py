@@ -16,6 +16,7 @@ held-out test/ folder). Settings are vit.config.TrainConfig's fields.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -130,20 +131,32 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, w
     return cfg
 
 
-def pretrained_run(src: str):
-    """Our own run as the starting point: a run folder, or a .safetensors file with the run's
-    config.json beside it. Returns (RunDir, weights path) or None for timm names and other files."""
+def pretrained_run(src: str) -> dict | None:
+    """Our own weights as the starting point: a run folder, or a .safetensors file that says what
+    it is (its run's config.json beside it, or the description train.py writes into the file).
+    Returns {model, labels, preprocessing, weights} or None for timm names and other files."""
+    import json
+
+    from safetensors import safe_open
+
     from vit.run import RunDir
 
     path = Path(src).expanduser()
     if path.is_dir():
         run = RunDir(path)
         run.require_trained()
-        return run, run / RunDir.WEIGHTS
-    if path.suffix == ".safetensors" and path.is_file() and (path.parent / RunDir.CONFIG).is_file():
-        run = RunDir(path.parent)
-        if {"model", "labels", "preprocessing"} <= set(run.config()):
-            return run, path
+        return {**run.config(), "weights": run / RunDir.WEIGHTS}
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    if (path.parent / RunDir.CONFIG).is_file():
+        cfg = RunDir(path.parent).config()
+        if {"model", "labels", "preprocessing"} <= set(cfg):
+            return {**cfg, "weights": path}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if {"vit_config", "labels", "preprocessing"} <= set(meta):
+        parts = {k: json.loads(meta[k]) for k in ("labels", "preprocessing")}
+        return dict(model=json.loads(meta["vit_config"]), weights=path, **parts)
     return None
 
 
@@ -153,7 +166,7 @@ def pretrained_preprocessing(src: str) -> tuple[dict, object]:
 
     ours = pretrained_run(src)
     if ours is not None:
-        p = ours[0].config()["preprocessing"]
+        p = ours["preprocessing"]
         size = p["image_size"]
         return dict(p, image_size=size[0] if size[0] == size[1] else list(size)), None
     if Path(src).suffix in CHECKPOINT_SUFFIXES or Path(src).exists():
@@ -170,8 +183,8 @@ def pretrained_preprocessing(src: str) -> tuple[dict, object]:
 def build_model(cfg, classes: list[str], timm_module=None):
     """A fresh ViT, or pretrained weights at the run's input size with a head for its classes.
 
-    From one of our runs the architecture is read from its config.json, never guessed, and
-    its head is kept when the classes are the same ones in the same order."""
+    From our own weights the architecture is read from what they say about themselves, never
+    guessed, and the head is kept when the classes are the same ones in the same order."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
@@ -185,12 +198,11 @@ def build_model(cfg, classes: list[str], timm_module=None):
         ours = pretrained_run(cfg.pretrained)
         if ours is None:
             return from_timm(timm_module or cfg.pretrained, num_classes=len(classes), image_size=size, **fields)
-        run, weights = ours
-        model = ViT(replace(ViTConfig.from_dict(run.config()["model"]), **fields))
-        model.load_state_dict(load_file(str(weights)))
+        model = ViT(replace(ViTConfig.from_dict(ours["model"]), **fields))
+        model.load_state_dict(load_file(str(ours["weights"])))
         if tuple(model.config.image_size) != ((size, size) if isinstance(size, int) else tuple(size)):
             model.set_image_size(size)
-        if run.config()["labels"] != classes:
+        if ours["labels"] != classes:
             model.reset_head(len(classes))
         return model
     for k in ("dim", "depth", "heads", "mlp_dim", "patch_size", "image_size"):
@@ -226,19 +238,23 @@ def model_preprocessing(cfg, model_cfg) -> dict:
     )
 
 
-def planned_cache_side(args, saved: dict | None, prep: dict | None, device: str) -> int:
-    """The shorter side cached images need, known before the scan: the run's input size and
-    crop when they are given or saved, else the largest input the recipe may pick."""
+def planned_cache(args, saved: dict | None, prep: dict | None, device: str) -> dict:
+    """How cached images are shrunk, known before the scan: to the run's input size, crop and
+    interpolation when they are given or saved, else to the largest input the recipe may pick."""
     from vit.data import cache_side_for
     from vit.recipe import input_size_for
 
     if saved is not None:
         p = saved["preprocessing"]
-        return cache_side_for(tuple(p["image_size"]), p["crop_pct"])
-    crop = args.crop_pct or (prep or {}).get("crop_pct") or 1.0
-    size = args.image_size or (prep or {}).get("image_size") or input_size_for(10**6, device)[0]
+        return dict(
+            cache_side=cache_side_for(tuple(p["image_size"]), p["crop_pct"]), cache_interpolation=p["interpolation"]
+        )
+    prep = prep or {}
+    crop = args.crop_pct or prep.get("crop_pct") or 1.0
+    size = args.image_size or prep.get("image_size") or input_size_for(10**6, device)[0]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return cache_side_for(size, crop)
+    interpolation = args.interpolation or prep.get("interpolation") or "bicubic"
+    return dict(cache_side=cache_side_for(size, crop), cache_interpolation=interpolation)
 
 
 def make_datasets(scan, split, cfg, model_cfg):
@@ -285,8 +301,8 @@ def start_run(args, device: str, world: int):
         changed = (["--pretrained"] if args.pretrained else []) + changed_on_resume(cfg, given(args))
         if changed:
             raise DataError(f"--resume continues with the run's own settings; drop {', '.join(changed)}")
-        side = planned_cache_side(args, saved, None, device)
-        scan = scan_folder(run.data_root(args.data), args.strict, max_pixels, args.cache, cache_side=side)
+        cache = planned_cache(args, saved, None, device)
+        scan = scan_folder(run.data_root(args.data), args.strict, max_pixels, args.cache, **cache)
         if scan.classes != saved["labels"]:
             raise DataError(f"the classes in {scan.root} ({scan.classes}) differ from the run's ({saved['labels']})")
         saved_split = run.split()
@@ -315,8 +331,8 @@ def start_run(args, device: str, world: int):
     if run.exists():
         raise DataError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
     prep, module = pretrained_preprocessing(args.pretrained) if args.pretrained else (None, None)
-    side = planned_cache_side(args, None, prep, device)
-    scan = scan_folder(args.data, args.strict, max_pixels, args.cache, cache_side=side)
+    cache = planned_cache(args, None, prep, device)
+    scan = scan_folder(args.data, args.strict, max_pixels, args.cache, **cache)
     defaults = TrainConfig()
     val_fraction = args.val_fraction if args.val_fraction is not None else defaults.val_fraction
     split = split_train_val(scan, val_fraction, args.seed if args.seed is not None else defaults.seed)
@@ -347,6 +363,11 @@ def train(args) -> int:
         train_ds, val_ds, test_ds = make_datasets(scan, split, cfg, model.config)
         budget = TimeBudget(cfg.time_budget * 60, cfg.epochs) if cfg.time_budget else None
         trainer = Trainer(model, cfg, train_ds, val_ds, run.path, device, d, budget, t_start, say)
+        trainer.weights_metadata = dict(  # a copied weights file still says what it is
+            vit_config=json.dumps(model.config.to_dict()),
+            labels=json.dumps(scan.classes),
+            preprocessing=json.dumps(model_preprocessing(cfg, model.config)),
+        )
         run_config = dict(
             model=model.config.to_dict(),
             labels=scan.classes,
@@ -359,6 +380,7 @@ def train(args) -> int:
                 val_images=len(split.val),
                 test_images=len(split.test),
                 skipped=len(scan.skipped),
+                max_pixels=scan.max_pixels,
             ),  # fmt: skip
             world_size=d.world,
         )
@@ -372,15 +394,25 @@ def train(args) -> int:
             state = trainer.fit(resumed)
         except Stop:
             say(f"\nStopped by signal; checkpoint saved. Continue with: python train.py --resume {run}")
+            leave_process_group(d)
             return 130
-        if d.main:
+        leave_process_group(d)
+        if d.main:  # alone now: the report may take longer than a collective's timeout
             finish_run(run, run_config, trainer, state, (val_ds, test_ds), scan.classes, t_start)
         return 0
     finally:
-        if d.world > 1 and torch.distributed.is_initialized():
-            if sys.exc_info()[0] is None:  # leave together: a rank torn down early can abort its peer
-                torch.distributed.barrier()
+        if d.world > 1 and torch.distributed.is_initialized():  # an error before training ended
             torch.distributed.destroy_process_group()
+
+
+def leave_process_group(d) -> None:
+    """Every rank leaves together (a rank torn down early can abort its peer), before rank 0
+    writes the report on its own."""
+    import torch.distributed as dist
+
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def write_new_run(run, run_config: dict, scan, split, cfg) -> None:
@@ -492,7 +524,7 @@ def evaluate(args) -> int:
     if unknown:
         raise DataError(f"{args.data} has classes the model does not know: {unknown} (it knows {labels})")
     items = [(rel, labels.index(scan.classes[lab])) for rel, lab in items]
-    load = lambda i: open_image(scan.root / items[i][0])  # noqa: E731
+    load = lambda i: open_image(scan.root / items[i][0], scan.max_pixels)  # noqa: E731
     if onnx_file:
         probs = np.concatenate(  # the file's own preprocessing and temperature, as the app applies them
             [np.stack([p.probs for p in clf.predict_many([load(j) for j in range(i, min(i + 32, len(items)))])])

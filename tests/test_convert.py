@@ -168,3 +168,18 @@ def test_npz_arrays_without_a_place_are_refused_with_their_names(tmp_path, ref):
     with pytest.raises(ValueError, match="no place for: MAPHead_0/probe, pre_logits/kernel"):
         from_npz(tmp_path / "extra.npz")
     assert from_npz(path).config.dim == 192  # the plain file still loads
+
+
+def test_npz_pre_logits_is_dropped_only_when_the_head_is_replaced(tmp_path, ref):
+    """The paper's ImageNet-21k checkpoints carry a pre-logits layer; fine-tuning drops it with
+    the head (as the paper does). Keeping the file's head without it would be approximate."""
+    path = tmp_path / "ok.npz"
+    save_npz(from_timm(ref), path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    np.savez(tmp_path / "in21k.npz", **arrays, **{"pre_logits/kernel": np.zeros((192, 192), np.float32),
+                                                "pre_logits/bias": np.zeros(192, np.float32)})  # fmt: skip
+    with pytest.warns(UserWarning, match="dropped pre_logits/bias, pre_logits/kernel"):
+        assert from_npz(tmp_path / "in21k.npz", num_classes=3).config.num_classes == 3
+    with pytest.raises(ValueError, match="no place for: pre_logits/bias"):
+        from_npz(tmp_path / "in21k.npz")  # the file's own head, whose input was pre_logits

@@ -73,3 +73,18 @@ def test_the_runtime_and_the_app_import_no_torch(entry):
 def test_conversion_imports_the_model_not_the_other_way():
     assert "vit.model" in imports(ROOT / "vit" / "convert.py")
     assert not {"vit.convert"} & imports(ROOT / "vit" / "model.py")
+
+
+def test_the_space_folder_carries_every_project_file_the_app_imports():
+    """A Space runs app.py from its own folder, without this project installed."""
+    from export.space import RUNTIME_FILES
+
+    files, _ = closure(ROOT / "app.py")
+    needed = sorted(str(f.relative_to(ROOT)) for f in files)
+    assert set(needed) <= set(RUNTIME_FILES), set(needed) - set(RUNTIME_FILES)
+
+
+def test_the_package_never_imports_the_commands():
+    for path in sorted((ROOT / "vit").glob("*.py")):
+        commands = {n for n in imports(path) if n.split(".")[0] in ("train", "export", "app")}
+        assert not commands, (path.name, commands)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -140,6 +141,7 @@ def test_overrides_reach_the_saved_config(shapes_dir, tmp_path):
     assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1") == 2  # the run exists: no overwrite
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGTERM are POSIX")
 def test_resume_after_sigint_matches_an_uninterrupted_run(shapes_dir, tmp_path):
     common = [
         "--data",
@@ -283,6 +285,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGTERM are POSIX")
 def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(ddp_run, shapes_dir, tmp_path):
     """Item 8: a signal that reaches one rank stops them all at one step (no all-reduce left
     waiting), rank 0 saves, and the resumed run ends exactly like the uninterrupted one."""
@@ -332,6 +335,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGTERM are POSIX")
 def test_ctrl_c_during_validation_saves_and_resumes_exactly(shapes_dir, tmp_path):
     """Item 8: SIGINT to the whole process group (as Ctrl-C in a terminal sends it), with loader
     workers alive, while validating: a checkpoint, no traceback, and an exact resume."""
@@ -429,7 +433,10 @@ def test_finetuning_from_our_own_run_reads_its_config(run_dir, shapes_dir, tmp_p
     ref = RunDir(run_dir).load_model()
     labels = json.loads((run_dir / "config.json").read_text())["labels"]
     x = torch.randn(3, 3, 32, 32)
-    for src in (run_dir, run_dir / "model.safetensors"):
+    lone = tmp_path / "copied" / "weights.safetensors"  # copied away from its run: it says what it is
+    lone.parent.mkdir()
+    lone.write_bytes((run_dir / "model.safetensors").read_bytes())
+    for src in (run_dir, run_dir / "model.safetensors", lone):
         cfg = TrainConfig(pretrained=str(src), dropout=0.0, drop_path=0.0, image_size=32)
         model = train.build_model(cfg, labels).eval()
         assert model.config == ref.config and model.config.heads == 2 and model.config.stem == "conv"
@@ -500,6 +507,13 @@ def test_test_folder_is_reported_never_chosen_on_and_carried_into_the_file(shape
     assert run_train("--eval", onnx_path, "--data", root, "--out", tmp_path / "ev") == 0
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["n"] == 12 and report["accuracy"] == pytest.approx(float(meta["test_accuracy"]), abs=1e-4)
+    # The file's own temperature is applied: the report's calibration is that of the app's probabilities.
+    from vit.report import expected_calibration_error
+
+    clf = Classifier(onnx_path)
+    probs = np.stack([p.probs for p in clf.predict_many([root / r for r, _ in split["test"]])])
+    labels = np.array([y for _, y in split["test"]])
+    assert report["ece"] == pytest.approx(expected_calibration_error(probs, labels), abs=1e-4)
 
 
 def test_the_command_line_is_generated_from_the_typed_config():

@@ -128,7 +128,7 @@ def add_flags(parser: argparse.ArgumentParser, groups: dict[str, str]) -> None:
     for f in flag_fields():
         m, typ = f.metadata, _base_type(hints[f.name])
         name = "--" + f.name.replace("_", "-")
-        default = f" (default {f.default})" if f.default not in (None, False) else ""
+        default = f" (default {f.default})" if f.default is not None and f.default is not False else ""
         kwargs = dict(dest=f.name, default=None, help=m["help"] + default)
         if typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -333,14 +333,27 @@ class _Reads(dict):
         return super().__getitem__(key)
 
 
-def npz_to_state_dict(w: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def npz_to_state_dict(
+    w: dict[str, np.ndarray], new_head: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Google arrays -> (timm-layout state dict, architecture fields).
 
-    Every array must be mapped: one this model has no place for (a ``pre_logits`` layer, a
-    MAP head, ...) is refused with the list, not dropped, so nothing loads approximately."""
+    Every array must be mapped: one this model has no place for (an attention-pooling head,
+    ...) is refused with the list, not dropped, so nothing loads approximately. The one
+    exception is the paper's ``pre_logits`` layer (the ImageNet-21k checkpoints' extra Dense +
+    tanh before the head) when ``new_head`` replaces the head anyway: the paper drops it for
+    fine-tuning too (§3.1, Appendix B.1.1), so it is dropped with a warning."""
     w = _Reads(_strip_npz_prefix(w))
     sd, arch = _npz_arrays(w)
     unmapped = sorted(set(w) - w.read)
+    dropped = [k for k in unmapped if k.startswith("pre_logits/")]
+    if new_head and dropped:
+        import warnings
+
+        warnings.warn(
+            f"dropped {', '.join(dropped)}: the head is replaced, as the paper does when fine-tuning", stacklevel=3
+        )
+        unmapped = [k for k in unmapped if k not in dropped]
     if unmapped:
         shown = ", ".join(unmapped[:12]) + (f" ... ({len(unmapped)} in all)" if len(unmapped) > 12 else "")
         raise ValueError(
@@ -395,6 +408,8 @@ def _npz_arrays(w: _Reads) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if "head/kernel" in w and w["head/kernel"].shape[-1] > 0:
         sd["head.weight"] = t(w["head/kernel"]).T
         sd["head.bias"] = t(w["head/bias"])
+    elif "head/bias" in w:
+        w["head/bias"]  # an empty head (no classes): nothing to load, but read, not unmapped
 
     q = block(0, f"{mha}/query/kernel")  # (D, h, d)
     n_pos = sd["pos_embed"].shape[1] - int("cls" in w)
@@ -431,7 +446,8 @@ def load_npz(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
-    sd, arch = npz_to_state_dict(arrays)
+    head = next((a.shape[-1] for k, a in arrays.items() if k.endswith("head/kernel")), 0)
+    sd, arch = npz_to_state_dict(arrays, new_head=num_classes is not None and num_classes != head)
     return _build_and_load(arch, sd, str(path), num_classes, image_size, **fields)
 
 

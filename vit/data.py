@@ -68,6 +68,7 @@ class FolderScan:
     hashes: dict[str, str] = field(default_factory=dict)  # relative path -> content hash
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # relative path -> (w, h)
     images: dict[str, Image.Image] | None = None  # decoded (and shrunk) images, if cached
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the decompression-bomb limit the scan used
 
     def native_side(self) -> int:
         """Median shorter side of the images, in pixels."""
@@ -113,18 +114,22 @@ def cache_side_for(image_size: tuple[int, int], crop_pct: float) -> int:
     return math.floor(H / crop_pct) if H == W else math.ceil(max(H, W) / crop_pct)
 
 
-def shrink(img: Image.Image, side: int) -> Image.Image:
-    """Shorter side down to ``side`` with the evaluation resize's rounding; never up."""
+def shrink(img: Image.Image, side: int, interpolation: str = "bicubic") -> Image.Image:
+    """Shorter side down to ``side`` with the evaluation resize's rounding and interpolation;
+    never up. For a square input this is the evaluation resize itself, so the evaluation
+    transform then only crops, exactly as the runtime does from the file."""
+    from vit.imageio import INTERPOLATION
+
     w, h = img.size
     if min(w, h) <= side:
         return img
     new = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
-    return img.resize(new, Image.Resampling.BICUBIC)
+    return img.resize(new, INTERPOLATION[interpolation])
 
 
-def _decode(args: tuple[str, str, int, int | None]):
+def _decode(args: tuple[str, str, int, int | None, str]):
     """Worker: (rel, hash, (w, h), image or None, error, note) for one file."""
-    root, rel, max_pixels, cache_side = args
+    root, rel, max_pixels, cache_side, interpolation = args
     path = Path(root) / rel
     try:
         img, fmt = decode_image(path, max_pixels=max_pixels)
@@ -140,7 +145,7 @@ def _decode(args: tuple[str, str, int, int | None]):
     note = extension_note(path.name, fmt)
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         note = f"{fmt} image with the extension {path.suffix or '(none)'}"
-    cached = shrink(img, cache_side) if cache_side else None
+    cached = shrink(img, cache_side, interpolation) if cache_side else None
     return rel, digest, size, cached, None, note
 
 
@@ -205,10 +210,12 @@ def _check_usable(classes, train, val, test, layout: Layout, min_per_class: int)
             raise DataError(f"no usable images in {folder}: see the skipped files above")
 
 
-def _decode_all(root: Path, rels: list[str], max_pixels: int, cache_side: int | None, workers: int | None):
+def _decode_all(
+    root: Path, rels: list[str], max_pixels: int, cache_side: int | None, interpolation: str, workers: int | None
+):
     """Decode every file once, in worker processes for many files: (hashes, sizes, images or
     None, [(rel, note or skip reason)]); a file with no hash was skipped for that reason."""
-    jobs = [(str(root), rel, max_pixels, cache_side) for rel in rels]
+    jobs = [(str(root), rel, max_pixels, cache_side, interpolation) for rel in rels]
     workers = workers or min(8, usable_cpus())
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers, initializer=ignore_stop_signals) as pool:
@@ -237,11 +244,13 @@ def scan_folder(
     min_classes: int = 2,
     min_per_class: int = 2,
     cache_side: int = 256,
+    cache_interpolation: str = "bicubic",
 ) -> FolderScan:
     """Find classes and images under ``root``, decode each once, and check the result.
 
     ``cache``: keep decoded images in memory (None: when they fit the memory budget), with
-    their shorter side shrunk to ``cache_side`` (see ``cache_side_for``).
+    their shorter side shrunk to ``cache_side`` with ``cache_interpolation`` (see
+    ``cache_side_for``).
     Raises ``DataError`` for layouts training cannot use.
     """
     root = Path(root).expanduser().resolve()
@@ -270,7 +279,8 @@ def scan_folder(
     all_rel = [r for fs in (files, *held.values()) for rs in fs.values() for r in rs]
     if cache is None:
         cache = len(all_rel) * cache_side * cache_side * 3 <= CACHE_BUDGET_BYTES
-    hashes, sizes, images, notes = _decode_all(root, all_rel, max_pixels, cache_side if cache else None, workers)
+    side = cache_side if cache else None
+    hashes, sizes, images, notes = _decode_all(root, all_rel, max_pixels, side, cache_interpolation, workers)
     skipped += [(rel, why) for rel, why in notes if rel not in hashes]
     notes = [(rel, note) for rel, note in notes if rel in hashes]
     if strict and skipped:
@@ -284,7 +294,9 @@ def scan_folder(
     val = usable(held["val"]) if "val" in held else None
     test = usable(held["test"]) if "test" in held else None
     _check_usable(classes, train, val, test, layout, min_per_class)
-    return FolderScan(root, classes, train, val, test, layout.description, skipped, notes, hashes, sizes, images)
+    return FolderScan(
+        root, classes, train, val, test, layout.description, skipped, notes, hashes, sizes, images, max_pixels
+    )
 
 
 class Split(NamedTuple):
@@ -319,7 +331,7 @@ def split_train_val(scan: FolderScan, val_fraction: float = 0.15, seed: int = 0)
             raise DataError("every val image is a copy of a train image: the validation split would be empty")
         train = list(scan.train)
     else:
-        train, val = _split_groups(by_hash, val_fraction, seed)
+        train, val = _split_groups(by_hash, val_fraction, seed, notes, scan.classes)
         dups = sum(len(g) - 1 for g in by_hash.values())
         if dups:
             notes.append(f"{dups} duplicate files (identical content) kept on one side of the split")
@@ -335,7 +347,7 @@ def split_train_val(scan: FolderScan, val_fraction: float = 0.15, seed: int = 0)
     return Split(sorted(train), sorted(val), sorted(test), notes)
 
 
-def _split_groups(by_hash: dict, val_fraction: float, seed: int) -> tuple[list, list]:
+def _split_groups(by_hash: dict, val_fraction: float, seed: int, notes: list, classes: list) -> tuple[list, list]:
     """Per class: shuffled duplicate groups go to validation while they fit in its share."""
     groups: dict[int, list[list[tuple[str, int]]]] = defaultdict(list)  # label -> duplicate groups
     for g in by_hash.values():
@@ -354,9 +366,11 @@ def _split_groups(by_hash: dict, val_fraction: float, seed: int) -> tuple[list, 
                 picked.append(g)
                 taken += len(g)
         if not picked and len(gs) > 1:  # every group is larger than the share: the smallest one,
-            smallest = min(gs, key=len)  # if it leaves most of the class to train on
-            if len(smallest) <= n // 2:
+            smallest = min(gs, key=len)  # if it is at most twice the share
+            if len(smallest) <= 2 * n_val:
                 picked.append(smallest)
+        if not picked:
+            notes.append(f"no validation images for class {classes[label]!r}: its images are copies of one another")
         picked_ids = {id(g) for g in picked}
         for g in gs:
             (val if id(g) in picked_ids else train).extend(g)
@@ -396,7 +410,10 @@ class FolderDataset(Dataset):
     """(image tensor, label) pairs from a scan, from memory when cached."""
 
     def __init__(self, scan: FolderScan, items: list[tuple[str, int]], transform, seed: int = 0):
-        self.root, self.images, self.items = scan.root, scan.images, items
+        # Only this dataset's own images: loader workers started by spawn or forkserver each
+        # receive a pickled copy of the dataset, so a shared cache would be copied whole.
+        self.images = None if scan.images is None else {r: scan.images[r] for r, _ in items}
+        self.root, self.items, self.max_pixels = scan.root, items, scan.max_pixels
         self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
@@ -406,7 +423,7 @@ class FolderDataset(Dataset):
         rel = self.items[i][0]
         if self.images is not None:
             return self.images[rel]
-        return open_image(self.root / rel)
+        return open_image(self.root / rel, self.max_pixels)
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, 0)

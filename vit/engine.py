@@ -231,6 +231,7 @@ class Trainer:
         self.mix = self._mixer()
         self.state = State(total_epochs=cfg.epochs)
         self.signals = StopSignals()
+        self.weights_metadata: dict[str, str] = {}  # written into model.safetensors beside the weights
 
     # ----- pieces --------------------------------------------------------------------
     def _mixer(self):
@@ -315,7 +316,9 @@ class Trainer:
     def save_best(self, which: str) -> None:
         model = self.ema.module if which == "ema" else self.model
         files.save_safetensors(
-            self.run_dir / "model.safetensors", model.state_dict(), metadata={"format": "pt", "weights": which}
+            self.run_dir / "model.safetensors",
+            model.state_dict(),
+            metadata={"format": "pt", "weights": which, **self.weights_metadata},
         )
 
     # ----- training ------------------------------------------------------------------
@@ -460,6 +463,7 @@ class Trainer:
         """Train -> evaluate -> select -> log, to the last epoch. Raises ``Stop`` (after saving a
         checkpoint) on SIGINT/SIGTERM. A resumed run keeps the length its budget gave it."""
         s = self.state
+        mark = time.perf_counter()
         with self.signals:
             while s.epoch < s.total_epochs:
                 t0 = time.perf_counter()
@@ -477,8 +481,11 @@ class Trainer:
                 )
                 s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, State().sums
                 if self.budget is not None and not resumed:
-                    elapsed = time.perf_counter() - self.started
-                    epochs = self.budget.after_epoch(time.perf_counter() - t0, s.epoch, s.total_epochs, elapsed)
+                    # An epoch's time runs from the last refit to this one, so it includes the
+                    # previous epoch's log and checkpoint save, which the budget must pay for too.
+                    now = time.perf_counter()
+                    took, mark = now - mark, now
+                    epochs = self.budget.after_epoch(took, s.epoch, s.total_epochs, now - self.started)
                     self.set_total_epochs(epochs, statistics.median(self.budget.epoch_seconds))
                 self.log_epoch(row, improved)
                 self.save_checkpoint()

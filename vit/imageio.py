@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,18 +53,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 _PIXEL_LIMIT_LOCK = threading.Lock()
 
 
-def _open_with_limit(source, max_pixels: int) -> Image.Image:
-    """``Image.open`` with PIL's decompression-bomb limit set to ``max_pixels``, either way.
+@contextmanager
+def _pixel_limit(max_pixels: int):
+    """PIL's decompression-bomb limit set to ``max_pixels``, either way, for one decode.
 
-    PIL checks its own module-wide limit (89.5 MP) inside ``Image.open``, so a larger
-    ``max_pixels`` would never be reached without this; the lock keeps concurrent opens
-    (the app's threads) from seeing each other's limit. Only the header is read here.
+    PIL checks its own module-wide limit (89.5 MP) in ``Image.open`` and again while loading
+    some formats (TIFF, GIF frames, ICO), so a larger ``max_pixels`` would never be reached
+    without this. The lock keeps concurrent decodes (the app's threads) from seeing each
+    other's limit; it serialises decoding within a process, which the app's one or two
+    concurrent requests do not notice.
     """
     with _PIXEL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            return Image.open(source)
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -86,9 +90,9 @@ def decode_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Im
         if path.stat().st_size == 0:
             raise BadImage(f"{name}: empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pixel_limit(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = source if isinstance(source, Image.Image) else _open_with_limit(source, max_pixels)
+            img = source if isinstance(source, Image.Image) else Image.open(source)
             fmt = img.format if not isinstance(source, Image.Image) else None
             w, h = img.size
             if w * h > max_pixels:
