@@ -3,7 +3,8 @@
     python app.py                                  # the bundled demo model
     python app.py --model model.onnx --port 7860   # your own (MODEL_PATH works too)
 
-Four parts: load the model, preprocess (vit.runtime, shared with training), predict, UI.
+Three parts: preprocess (vit.imageio, shared with training), predict (vit.runtime), UI; the model is
+loaded once, in main().
 """
 
 from __future__ import annotations
@@ -43,12 +44,7 @@ CACHE_HOURS = 1  # files a visitor got (CSVs, Gradio's copies of uploads) are de
 
 
 # --------------------------------------------------------------------------------------
-# 1. Load the model: vit.runtime.Classifier, once, at start-up (it warms the session up)
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# 2. Preprocess: decoding and checks live in vit.imageio, resizing in vit.runtime
+# 1. Preprocess: decoding, checks and resizing live in vit.imageio (the model: vit.runtime)
 # --------------------------------------------------------------------------------------
 
 
@@ -106,7 +102,7 @@ def raw_canvas(**kwargs) -> gr.Sketchpad:
         if payload is None:
             return None
         if payload.id is not None:  # sent as blobs
-            cached = pad.blob_storage.get(payload.id)
+            cached = pad.blob_storage.pop(payload.id, None)  # as Gradio's own preprocess: freed once read
             composite = cached.composite if cached else None
         else:
             composite = payload.composite
@@ -119,7 +115,7 @@ def raw_canvas(**kwargs) -> gr.Sketchpad:
 
 
 # --------------------------------------------------------------------------------------
-# 3. Predict
+# 2. Predict
 # --------------------------------------------------------------------------------------
 
 
@@ -132,6 +128,28 @@ def attention_html(img: Image.Image, width: int = 320) -> str:
     img.save(buf, format="JPEG", quality=88)
     data = base64.b64encode(buf.getvalue()).decode()
     return f'<img src="data:image/jpeg;base64,{data}" alt="attention overlay" style="max-width:100%">'
+
+
+STATUS_NOTE = {"sure": "", "unsure": "not sure", "unknown": "unlike every class the model knows"}
+BATCH_HEADER = ["file", "label", "probability", "runner-up", "known", "note"]
+
+
+def verdict(pred, clf: Classifier) -> str:
+    """What the model says about one image, in words: sure, not sure between its classes, or
+    that the image looks like none of them (the closest class is still named)."""
+    label, p = pred.top_k[0]
+    if pred.status == "unknown":
+        return (
+            f"**This does not look like any of the {len(clf.labels)} things this model knows** "
+            f"({', '.join(clf.labels)}). The closest is {label} ({p:.0%}), but the image is unlike the ones "
+            "it was trained on, so treat that as a guess."
+        )
+    if pred.status == "unsure":
+        return (
+            f"**Not sure.** The best guess is {label} at {p:.0%}, below this model's threshold of "
+            f"{clf.threshold:.0%}: it hesitates between its classes."
+        )
+    return f"**{label}** ({p:.0%})."
 
 
 class Predictor:
@@ -160,14 +178,7 @@ class Predictor:
         if pred.attention is not None:
             heat = attention_html(overlay(img, pred.attention, c.image_size, c.crop_pct, c.interpolation))
         top_label, top_p = pred.top_k[0]
-        if pred.sure:
-            note = f"**{top_label}** ({top_p:.0%}) in {ms:.0f} ms."
-        else:
-            note = (
-                f"**Not sure.** The best guess is {top_label} at {top_p:.0%}, below this model's threshold of "
-                f"{c.threshold:.0%}; the image may show none of its classes ({', '.join(c.labels)}). {ms:.0f} ms."
-            )
-        return {label: p for label, p in pred.top_k}, heat, note
+        return {label: p for label, p in pred.top_k}, heat, f"{verdict(pred, c)} {ms:.0f} ms."
 
     def predict_batch(self, paths):
         """Several files -> a table (one row per file) and the same table as a CSV file."""
@@ -182,11 +193,12 @@ class Predictor:
             try:
                 pred = self.clf.predict(read_upload(path, self.max_bytes, self.max_pixels), top_k=2)
             except gr.Error as e:
-                rows.append([name, "", "", "", f"error: {e.message}"])
+                rows.append([name, "", "", "", "", f"error: {e.message}"])
                 continue
             (l1, p1), (l2, p2) = pred.top_k[0], (pred.top_k[1] if len(pred.top_k) > 1 else ("", 0.0))
-            rows.append([name, l1, round(p1, 4), f"{l2} ({p2:.0%})", "" if pred.sure else "not sure"])
-        header = ["file", "label", "probability", "runner-up", "note"]
+            known = "yes" if pred.known else "no"
+            rows.append([name, l1, round(p1, 4), f"{l2} ({p2:.0%})", known, STATUS_NOTE[pred.status]])
+        header = BATCH_HEADER
         self.prune_csvs()
         fd, csv_path = tempfile.mkstemp(prefix="predictions-", suffix=".csv", dir=self.csv_dir)
         with os.fdopen(fd, "w", newline="") as f:
@@ -199,7 +211,7 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------------------
-# 4. UI
+# 3. UI
 # --------------------------------------------------------------------------------------
 
 
@@ -219,6 +231,12 @@ def model_facts(clf: Classifier) -> str:
         f'**"Not sure" below:** {clf.threshold:.0%} · **Precision:** {precision(i["quantization"])} · '
         f"**Weights:** {clf.metadata.get('initialization', 'not recorded')}  \n"
         f"**File:** {clf.path.name}, exported {i.get('exported_at') or '?'}"
+        + (
+            "  \n**Answered as known** (measured at export): "
+            + ", ".join(f"{k} {v:.0%}" for k, v in i["known_rates"].items())
+            if i.get("known_rates")
+            else ""
+        )
     )
 
 
@@ -266,9 +284,11 @@ def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_m
                         d_heat = gr.HTML(label="Where it looked")
                 draw_go.click(app.predict, sketch, [d_label, d_heat, d_note], api_name="predict_drawing")
         with gr.Tab("Many images"):
-            batch = gr.File(file_count="multiple", file_types=["image"], label="Images")
+            # No file-type filter: the content decides (a JPEG without an extension is an image),
+            # and a file that is not one gets its own error row, as in training.
+            batch = gr.File(file_count="multiple", label="Images")
             batch_go = gr.Button("Classify all", variant="primary")
-            table = gr.Dataframe(headers=["file", "label", "probability", "runner-up", "note"], interactive=False)
+            table = gr.Dataframe(headers=BATCH_HEADER, interactive=False)
             csv_out = gr.File(label="Download as CSV")
             batch_go.click(app.predict_batch, batch, [table, csv_out], api_name="predict_batch")
         with gr.Accordion("About this model", open=False):
@@ -302,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         default=default_host(),
         help="address to listen on (default 127.0.0.1, this machine only; on a Hugging Face Space 0.0.0.0)",
     )
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB)
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")), help="port (env PORT; 7860)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help=f"largest upload accepted ({MAX_UPLOAD_MB} MB)"
+    )
     a = p.parse_args(argv)
     try:
         clf = Classifier(a.model)

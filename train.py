@@ -24,6 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+STOPPED_EARLY = (
+    "holds a run that stopped before its first checkpoint, so there is nothing to resume: delete that folder "
+    "and start again, or pick another --out"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from vit.config import add_flags
@@ -55,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(p, {"settings": "settings (default: chosen from the data and printed)", "run": "run"})
     run = p.add_argument_group("machine and data")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a CUDA GPU if there is one"
+    )
     run.add_argument("--strict", action="store_true", help="stop on unusable files instead of skipping them")
     run.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit per image, up or down")
     run.add_argument(
@@ -127,8 +134,11 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, w
     if cfg.workers is None:
         cpus = usable_cpus()
         cfg.workers = min(4, cpus - 1) if cpus > 2 else 1
-    cfg.device, cfg.pretrained, cfg.data = device, args.pretrained, str(scan.root)
-    return cfg
+    cfg.device, cfg.data = device, str(scan.root)
+    cfg.pretrained = (
+        str(Path(args.pretrained).resolve()) if args.pretrained and Path(args.pretrained).exists() else args.pretrained
+    )
+    return cfg.validate()
 
 
 def pretrained_run(src: str) -> dict | None:
@@ -295,6 +305,8 @@ def start_run(args, device: str, world: int):
     if args.resume is not None:
         run = RunDir(args.resume)
         if not run.is_resumable():
+            if (run / run.CONFIG).is_file():
+                raise DataError(f"{run} {STOPPED_EARLY}")
             raise DataError(f"{run} holds no resumable run (no checkpoint.pt / config.json)")
         saved = run.config()
         cfg = TrainConfig.from_dict(saved["train"], saved=True)
@@ -327,9 +339,12 @@ def start_run(args, device: str, world: int):
     if args.pretrained and shape:
         flags = ", ".join("--" + n.replace("_", "-") for n in shape)
         raise DataError(f"{flags}: the pretrained weights fix the architecture; leave these out with --pretrained")
+    TrainConfig.from_dict(given(args)).validate()  # before minutes of scanning
     run = RunDir(args.out)
-    if run.exists():
+    if run.is_resumable():
         raise DataError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
+    if run.exists():
+        raise DataError(f"{run} {STOPPED_EARLY}")
     prep, module = pretrained_preprocessing(args.pretrained) if args.pretrained else (None, None)
     cache = planned_cache(args, None, prep, device)
     scan = scan_folder(args.data, args.strict, max_pixels, args.cache, **cache)
@@ -425,8 +440,9 @@ def write_new_run(run, run_config: dict, scan, split, cfg) -> None:
 def describe_start(model, cfg, device, world: int) -> None:
     m = model.config
     log(
-        f"Model: {m.depth} blocks, width {m.dim}, {m.heads} heads, {m.image_size[0]}x{m.image_size[1]} input, "
-        f"patch {m.patch_size} ({model.num_params() / 1e6:.2f}M parameters) on {device.type}"
+        f"Model: {m.depth} block{'s' if m.depth != 1 else ''}, width {m.dim}, {m.heads} heads, "
+        f"{m.image_size[0]}x{m.image_size[1]} input, patch {m.patch_size} "
+        f"({model.num_params() / 1e6:.2f}M parameters) on {device.type}"
         + (f" x {world} processes" if world > 1 else "")
     )
     log("Settings: " + cfg.shown())
@@ -524,6 +540,16 @@ def evaluate(args) -> int:
     if unknown:
         raise DataError(f"{args.data} has classes the model does not know: {unknown} (it knows {labels})")
     items = [(rel, labels.index(scan.classes[lab])) for rel, lab in items]
+    if scan.skipped:
+        shown = "; ".join(f"{rel} ({why})" for rel, why in scan.skipped[:5])
+        log(f"skipped {len(scan.skipped)} unusable files: {shown}" + (" ..." if len(scan.skipped) > 5 else ""))
+    if not onnx_file:
+        seen = seen_in_training(run, scan.root, items)
+        if seen:
+            log(
+                f"warning: {seen} of these {len(items)} images were in the run's training or validation split, so "
+                "this accuracy is not a held-out number (a test/ folder is)"
+            )
     load = lambda i: open_image(scan.root / items[i][0], scan.max_pixels)  # noqa: E731
     if onnx_file:
         probs = np.concatenate(  # the file's own preprocessing and temperature, as the app applies them
@@ -541,6 +567,20 @@ def evaluate(args) -> int:
         f"{scores['macro']['f1']:.3f}; report in {out / 'report.md'}"
     )
     return 0
+
+
+def seen_in_training(run, root: Path, items: list) -> int:
+    """How many of ``items`` (under ``root``) the run trained or validated on."""
+    from vit.run import RunError
+
+    try:
+        if run.data_root() != root:
+            return 0
+    except RunError:  # the run's folder has moved: it cannot be this one
+        return 0
+    split = run.split()
+    used = {rel for rel, _ in split["train"] + split["val"]}
+    return sum(rel in used for rel, _ in items)
 
 
 def torch_probs(model, scan, items, prep: dict) -> np.ndarray:

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path, help="a run folder made by train.py")
     p.add_argument("--out", type=Path, default=None, help="output .onnx path (default RUN_DIR/model.onnx)")
     p.add_argument("--int8", action="store_true", help="also write an int8 copy, if it passes the accuracy gate")
-    p.add_argument("--no-attention", action="store_true", help="logits only: no attention-map output")
+    p.add_argument("--no-attention", action="store_true", help="no attention-map output")
+    p.add_argument("--no-ood", action="store_true", help="no out-of-distribution score (export.ood)")
     p.add_argument("--canvas", action="store_true", help="mark the model as one for drawings: the app offers a canvas")
     p.add_argument(
         "--data", type=Path, default=None, help="the run's image folder, if it is no longer where the run was trained"
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             int8=a.int8,
             extra_metadata={"canvas": "true"} if a.canvas else None,
             data=a.data,
+            ood=not a.no_ood,
         )
     except (ExportError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

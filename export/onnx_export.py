@@ -33,6 +33,7 @@ from vit.runtime import softmax
 
 OPSET = 18
 MAX_ABS_LOGIT_DIFF = 1e-4
+MAX_REL_OOD_DIFF = 1e-4
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_ACC_DROP = 0.005
 CALIBRATION_IMAGES = 2000  # validation images for temperature, threshold and the int8 gate (stratified)
@@ -44,23 +45,31 @@ class ExportError(RuntimeError):
 
 
 class Exportable(nn.Module):
-    """Logits and, optionally, an attention map per image.
+    """Logits and, optionally, an attention map and an out-of-distribution score per image.
 
     The map is attention rollout (Abnar & Zuidema 2020): each block's head-averaged
     attention, mixed half-and-half with the identity for the residual path, chained from
     the last block down to the input. For a class-token model it is the class token's row,
     i.e. how much each patch contributed to the prediction; for an average-pooled model
     (class token or not), the mean row. Shape (B, Gh, Gw), scaled so each map's maximum is 1.
+    The score (``export.ood``) reads every block's pooled tokens: (B,), larger is stranger.
     """
 
-    def __init__(self, model: ViT, attention: bool = True):
+    def __init__(self, model: ViT, attention: bool = True, ood: nn.Module | None = None):
         super().__init__()
-        self.model, self.attention = model.eval(), attention
+        self.model, self.attention, self.ood = model.eval(), attention, ood
 
     def forward(self, pixel_values: torch.Tensor):
-        if not self.attention:
-            return self.model(pixel_values)
-        logits, attns = self.model.forward_with_attention(pixel_values)
+        m, taps = self.model, ([] if self.ood is not None else None)
+        y, attns = m.forward_pooled(pixel_values, fused=not self.attention, return_attn=self.attention, taps=taps)
+        outs = [m.head(m.fc_norm(y))]
+        if self.attention:
+            outs.append(self.rollout(attns))
+        if self.ood is not None:
+            outs.append(self.ood(torch.cat(taps[-self.ood.blocks :], dim=-1)))
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+    def rollout(self, attns: list[torch.Tensor]) -> torch.Tensor:
         cfg = self.model.config
         # Each block's rollout matrix is R = (mean_h A_h + I) / 2; its rows already sum to 1 (softmax
         # rows do), so no renormalisation is needed, and only one row is ever carried down:
@@ -71,21 +80,22 @@ class Exportable(nn.Module):
                 n = a.shape[-1]
                 if cfg.pool == "token":  # the class token's row of R: what reaches the head
                     row, eye = a[:, :, :1].mean(1), F.one_hot(torch.tensor(0), n).to(a.dtype)
-                else:  # the mean row of R (an average-pooled model, with or without a class token)
-                    row, eye = a.mean(2).mean(1, keepdim=True), torch.full((n,), 1.0 / n, dtype=a.dtype)
+                else:  # the mean of R's patch rows: what average pooling reads (class token or not)
+                    p0 = cfg.num_prefix_tokens
+                    row = a[:, :, p0:].mean(2).mean(1, keepdim=True)
+                    eye = torch.cat([torch.zeros(p0), torch.full((n - p0,), 1.0 / (n - p0))]).to(a.dtype)
                 v = 0.5 * row + 0.5 * eye
             else:
                 v = 0.5 * (v.unsqueeze(1) @ a).mean(1) + 0.5 * v  # (B, h, 1, N) -> (B, 1, N)
         grid = v[:, 0, cfg.num_prefix_tokens :].reshape(-1, *cfg.grid_size)  # (B, Gh, Gw)
-        grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-        return logits, grid
+        return grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
-def to_onnx(model: ViT, attention: bool = True) -> onnx.ModelProto:
+def to_onnx(model: ViT, attention: bool = True, ood: nn.Module | None = None) -> onnx.ModelProto:
     """Trace ``model`` (eval mode, fp32) to ONNX with a dynamic batch axis."""
     x = torch.randn(2, model.config.in_chans, *model.config.image_size)
-    names = ["logits", "attention"] if attention else ["logits"]
-    return export_module(Exportable(model.float().eval(), attention), x, names)
+    names = ["logits"] + (["attention"] if attention else []) + (["ood_score"] if ood is not None else [])
+    return export_module(Exportable(model.float().eval(), attention, ood), x, names)
 
 
 def export_module(module: nn.Module, example: torch.Tensor, output_names: list[str]) -> onnx.ModelProto:
@@ -119,7 +129,7 @@ def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
             proto.metadata_props.add(key=k, value=v)
 
 
-def run_metadata(run: dict, weights: Path, attention: bool, threshold: float) -> dict[str, str]:
+def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
     """Everything a reader of the file needs, as strings (JSON where structured)."""
     p = run["preprocessing"]
     result = run.get("result", {})
@@ -140,7 +150,6 @@ def run_metadata(run: dict, weights: Path, attention: bool, threshold: float) ->
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "attention_output": str(attention).lower(),
-        "threshold": f"{threshold:.4f}",
         "threshold_rule": "5th percentile of the top probability on correctly classified validation images "
         "(after temperature scaling)",
         "quantization": "none",
@@ -156,14 +165,13 @@ def ort_session(model, threads: int | None = None, spin: bool = True):
     return session(model.SerializeToString() if isinstance(model, onnx.ModelProto) else model, threads, spin)
 
 
+def ort_output(session, x: np.ndarray, name: str = "logits", batch: int = 32) -> np.ndarray:
+    """One output of the file for preprocessed images (N, 3, H, W), in batches."""
+    return np.concatenate([session.run([name], {"pixel_values": x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
 def ort_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate(
-        [session.run(["logits"], {"pixel_values": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    )
-
-
-def ort_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    return float((ort_logits(ort_session(model), x).argmax(1) == y).mean())
+    return ort_output(session, x, "logits", batch)
 
 
 @torch.no_grad()
@@ -172,7 +180,9 @@ def torch_logits(model: ViT, x: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
-def verify(proto: onnx.ModelProto, model: ViT, x: np.ndarray, with_attention: bool) -> dict:
+def verify(
+    proto: onnx.ModelProto, model: ViT, x: np.ndarray, with_attention: bool, ood: nn.Module | None = None
+) -> dict:
     """Check the file and compare it with PyTorch; raise ExportError on any failure."""
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -197,7 +207,22 @@ def verify(proto: onnx.ModelProto, model: ViT, x: np.ndarray, with_attention: bo
         d = float(np.abs(outs[0] - torch_logits(model, xb)).max())
         if d > MAX_ABS_LOGIT_DIFF:
             raise ExportError(f"batch {b}: max |Δ logits| {d:.2e}")
-    return dict(max_abs_logit_diff=diff, top1_agreement=agree, images=len(x))
+        if ood is not None and outs[-1].shape != (b,):
+            raise ExportError(f"batch {b}: ood_score shape {outs[-1].shape}")
+    check = dict(max_abs_logit_diff=diff, top1_agreement=agree, images=len(x))
+    if ood is not None:
+        from export.ood import pooled_features
+
+        with torch.no_grad():
+            ref = ood(torch.from_numpy(pooled_features(model, x, ood.blocks))).numpy()
+        got = np.concatenate(
+            [sess.run(["ood_score"], {"pixel_values": x[i : i + 32]})[0] for i in range(0, len(x), 32)]
+        )
+        rel = float((np.abs(ref - got) / np.maximum(np.abs(ref), 1.0)).max())
+        if rel > MAX_REL_OOD_DIFF:
+            raise ExportError(f"onnxruntime and PyTorch disagree on the ood score: max relative difference {rel:.2e}")
+        check["max_rel_ood_diff"] = rel
+    return check
 
 
 def save_proto(proto: onnx.ModelProto, out: Path) -> None:
@@ -217,26 +242,60 @@ def load_run(run_dir: Path) -> tuple[ViT, dict, Path]:
 def split_inputs(
     run_dir: Path, which: str = "val", limit: int | None = CALIBRATION_IMAGES, data: Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The run's ``val`` (or ``test``) images, a seeded sample stratified over every class
+    """The run's ``val`` (or ``train``) images, a seeded sample stratified over every class
     (all of them up to ``limit``), preprocessed exactly as the runtime will, and labels."""
-    from vit.imageio import BadImage, open_image, preprocess
+    x, y, _ = load_inputs(RunDir(run_dir), RunDir(run_dir).items(which, limit), data)
+    if not len(y):
+        raise ExportError(
+            f"no {which} images found under {RunDir(run_dir).data_root(data)}: the run's data folder is needed; "
+            "pass it with --data PATH"
+        )
+    return x, y
 
-    run = RunDir(run_dir)
-    p = run.config()["preprocessing"]
-    root = run.data_root(data)
+
+def load_inputs(run: RunDir, items: list, data: Path | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images preprocessed as the runtime will, labels, files that could not be read)."""
+    from vit.imageio import DEFAULT_MAX_PIXELS, BadImage, open_image, preprocess
+
+    cfg = run.config()
+    p, root = cfg["preprocessing"], run.data_root(data)
+    max_pixels = cfg.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS
     xs, ys = [], []
-    for rel, y in run.items(which, limit):
+    for rel, y in items:
         try:
-            img = open_image(root / rel)
+            img = open_image(root / rel, max_pixels)
         except (BadImage, OSError):
             continue
         xs.append(preprocess(img, tuple(p["image_size"]), p["mean"], p["std"], p["crop_pct"], p["interpolation"]))
         ys.append(y)
-    if not xs:
-        raise ExportError(
-            f"no {which} images found under {root}: the run's data folder is needed; pass it with --data PATH"
-        )
-    return np.stack(xs), np.array(ys)
+    shape = (0, 3, *p["image_size"])
+    return (np.stack(xs) if xs else np.zeros(shape, np.float32)), np.array(ys, dtype=np.int64), len(items) - len(ys)
+
+
+class HeldOut:
+    """The run's test/ split, streamed in batches (it may be large), never used for a choice."""
+
+    def __init__(self, run_dir: Path, data: Path | None, batch: int = 256):
+        self.run, self.data, self.batch = RunDir(run_dir), data, batch
+        self.items = self.run.items("test")
+
+    def evaluate(self, session) -> dict:
+        """Accuracy of a file on every readable test image, and its ood scores if it has them."""
+        names = {o.name for o in session.get_outputs()}
+        correct, n, skipped, scores = 0, 0, 0, []
+        for i in range(0, len(self.items), self.batch):
+            x, y, missing = load_inputs(self.run, self.items[i : i + self.batch], self.data)
+            skipped += missing
+            if not len(y):
+                continue
+            correct += int((ort_output(session, x).argmax(1) == y).sum())
+            n += len(y)
+            if "ood_score" in names:
+                scores.append(ort_output(session, x, "ood_score"))
+        return dict(
+            accuracy=correct / max(n, 1), images=n, skipped=skipped,
+            ood_scores=np.concatenate(scores) if scores else None,
+        )  # fmt: skip
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -271,16 +330,24 @@ def int8_gate(fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarr
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8 quantisation of MatMul/Gemm weights (activations quantised at run time)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=["MatMul", "Gemm"],
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # quiet its generic advice to pre-process the model
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        root.setLevel(level)
 
 
 def export_run(
@@ -291,64 +358,126 @@ def export_run(
     log=print,
     extra_metadata: dict[str, str] | None = None,
     data: Path | None = None,
+    ood: bool = True,
 ) -> dict:
     """Export, verify, and write ``out`` (and ``out``'s ``.int8.onnx`` twin if asked and passed).
 
-    ``data``: where the run's images are now, if not where it was trained. An older int8 twin
-    of ``out`` is removed unless a new one passes its gate: it would describe other weights.
+    ``data``: where the run's images are now, if not where it was trained. ``ood``: carry the
+    out-of-distribution score (``export.ood``). An older int8 twin of ``out`` is removed unless
+    a new one passes its gate: it would describe other weights.
     """
     model, run, weights = load_run(run_dir)
     x, y = split_inputs(run_dir, "val", CALIBRATION_IMAGES, data)
-    proto = to_onnx(model, attention)
+    scorer = fit_ood(model, run_dir, data, log) if ood else None
+    proto = to_onnx(model, attention, scorer)
     check_x = np.concatenate([x[y == k][: max(1, VERIFY_IMAGES // model.config.num_classes)] for k in np.unique(y)])
-    check = verify(proto, model, check_x, attention)
-    logits = ort_logits(ort_session(proto), x)  # verified equal to PyTorch, and faster
-    temperature = fit_temperature(logits, y)
-    probs = softmax(logits / temperature)
-    threshold = confidence_threshold(probs, y, model.config.num_classes)
-    classes = len(np.unique(y))
-    log(
-        f"calibration on {len(y)} validation images ({classes} classes): temperature {temperature:.3f}, expected "
-        f"calibration error {expected_calibration_error(softmax(logits), y):.3f} -> "
-        f"{expected_calibration_error(probs, y):.3f}, 'not sure' below {threshold:.3f}"
-    )
-    meta = run_metadata(run, weights, attention, threshold)
-    meta["temperature"] = f"{temperature:.4f}"
-    meta["temperature_rule"] = (
-        "fitted on the validation split to minimise NLL; probabilities are softmax(logits / temperature)"
-    )
-    meta["calibration_images"] = str(len(y))
-    test = None
-    if RunDir(run_dir).split().get("test"):
-        test = split_inputs(run_dir, "test", None, data)
-        meta["test_accuracy"] = f"{ort_accuracy(proto, *test):.4f}"
-        meta["test_images"] = str(len(test[1]))
-        log(f"held-out test accuracy {float(meta['test_accuracy']):.2%} on {len(test[1])} images (this file)")
+    check = verify(proto, model, check_x, attention, scorer)
+    session = ort_session(proto)  # verified equal to PyTorch, and faster
+    logits = ort_logits(session, x)
+    meta = {**run_metadata(run, weights, attention), **calibration(logits, y, model.config.num_classes, log)}
+    test = HeldOut(run_dir, data) if RunDir(run_dir).split().get("test") else None
+    tested = test.evaluate(session) if test is not None else None
+    if tested is not None:
+        meta["test_accuracy"], meta["test_images"] = f"{tested['accuracy']:.4f}", str(tested["images"])
+        unread = f" ({tested['skipped']} could not be read)" if tested["skipped"] else ""
+        log(f"held-out test accuracy {tested['accuracy']:.2%} on {tested['images']} images{unread} (this file)")
+    if scorer is not None:
+        meta.update(ood_metadata(session, x, tested, run["preprocessing"], log, scorer))
     set_metadata(proto, {**meta, **(extra_metadata or {})})
-    out = Path(out)
+    out, twin = Path(out), int8_path(Path(out))
+    if twin.exists():  # made from other weights: it must not outlive them, whatever happens next
+        twin.unlink()
+        log(f"removed {twin}: it was made from other weights")
     save_proto(proto, out)
     log(
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): "
         f"max |Δ logits| vs PyTorch {check['max_abs_logit_diff']:.1e} "
         f"on {check['images']} validation images, top-1 agreement {check['top1_agreement']:.0%}"
     )
-    result = dict(fp32=dict(path=str(out), calibration_images=len(y), temperature=temperature, **check))
-    twin = int8_path(out)
+    result = dict(fp32=dict(path=str(out), calibration_images=len(y), temperature=float(meta["temperature"]), **check))
     if int8:
-        result["int8"] = export_int8(out, x, y, log, test)
-    if twin.exists() and not (int8 and result["int8"]["path"]):
-        twin.unlink()
-        log(f"removed {twin}: it was made from other weights")
+        result["int8"] = export_int8(out, x, y, log, test, run["preprocessing"])
     return result
+
+
+def calibration(logits: np.ndarray, y: np.ndarray, num_classes: int, log=print) -> dict[str, str]:
+    """Temperature and "not sure" threshold from validation logits, as metadata."""
+    temperature = fit_temperature(logits, y)
+    before = expected_calibration_error(softmax(logits), y)
+    after = expected_calibration_error(softmax(logits / temperature), y)
+    if after > before:  # a few validation images can mislead the fit: never ship a worse calibration
+        log(f"temperature {temperature:.3f} would raise the calibration error ({before:.3f} -> {after:.3f}): kept 1")
+        temperature, after = 1.0, before
+    probs = softmax(logits / temperature)
+    threshold = confidence_threshold(probs, y, num_classes)
+    log(
+        f"calibration on {len(y)} validation images ({len(np.unique(y))} classes): temperature {temperature:.3f}, "
+        f"expected calibration error {before:.3f} -> {after:.3f}, 'not sure' below {threshold:.3f}"
+    )
+    return {
+        "ece_uncalibrated": f"{before:.4f}",
+        "ece": f"{after:.4f}",
+        "threshold": f"{threshold:.4f}",
+        "temperature": f"{temperature:.4f}",
+        "temperature_rule": "fitted on the validation split to minimise NLL; "
+        "probabilities are softmax(logits / temperature)",
+        "calibration_images": str(len(y)),
+    }
+
+
+def fit_ood(model: ViT, run_dir: Path, data: Path | None, log=print):
+    """The Mahalanobis score's class means and covariance, from the run's training images."""
+    from export.ood import FIT_IMAGES, MahalanobisScore, blocks_for, fit_gaussian, pooled_features
+
+    xt, yt = split_inputs(run_dir, "train", FIT_IMAGES, data)
+    cfg = model.config
+    blocks = blocks_for(len(yt), cfg.depth, cfg.dim)
+    means, precision = fit_gaussian(pooled_features(model, xt, blocks), yt, cfg.num_classes)
+    log(f"out-of-distribution score: the last {blocks} of {cfg.depth} blocks, fitted on {len(yt)} training images")
+    scorer = MahalanobisScore(torch.from_numpy(means).float(), torch.from_numpy(precision).float(), blocks)
+    scorer.fit_images = len(yt)
+    return scorer
+
+
+def ood_metadata(session, x_val: np.ndarray, tested: dict | None, prep: dict, log=print, scorer=None) -> dict[str, str]:
+    """The score's threshold (conformal, on validation images) and the rates measured at export."""
+    from export.ood import KEEP, conformal_threshold, probe_images
+    from vit.imageio import preprocess
+
+    def scores(x):
+        return np.concatenate(
+            [session.run(["ood_score"], {"pixel_values": x[i : i + 64]})[0] for i in range(0, len(x), 64)]
+        )
+
+    val = scores(x_val)
+    threshold = conformal_threshold(val, KEEP)
+    rates = {"validation": float(np.mean(val <= threshold))}
+    if tested is not None and tested["ood_scores"] is not None:
+        rates["held-out test"] = float(np.mean(tested["ood_scores"] <= threshold))
+    size, args = tuple(prep["image_size"]), (prep["mean"], prep["std"], prep["crop_pct"], prep["interpolation"])
+    for name, images in probe_images().items():
+        rates[name] = float(np.mean(scores(np.stack([preprocess(im, size, *args) for im in images])) <= threshold))
+    log("answered as known: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
+    return {
+        "ood_threshold": f"{threshold:.6g}",
+        "ood_rule": "Mahalanobis distance of the pooled features"
+        + (f" of the last {scorer.blocks} blocks, fitted on {scorer.fit_images} training images," if scorer else "")
+        + " to the nearest class mean (one shared covariance); an image is unlike the training classes above "
+        f"the split-conformal {KEEP:.1%} quantile of {len(val)} validation images' scores",
+        "ood_known_rates": json.dumps({k: round(v, 4) for k, v in rates.items()}),
+    }
 
 
 def int8_path(fp32_path: Path) -> Path:
     return fp32_path.with_name(fp32_path.stem + ".int8.onnx")
 
 
-def export_int8(fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print, test=None) -> dict:
+def export_int8(
+    fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print, test: HeldOut | None = None, prep: dict | None = None
+) -> dict:
     """Quantise ``fp32_path``; keep the result only if it passes the accuracy gate (on the
-    validation images ``x``, ``y``). ``test``: held-out (x, y) whose accuracy goes in the file."""
+    validation images ``x``, ``y``). ``test``: the held-out split, whose accuracy goes in the file.
+    The int8 file's out-of-distribution threshold and rates are fitted on its own scores."""
     dst = int8_path(fp32_path)
     with tempfile.TemporaryDirectory() as tmp:
         q = Path(tmp) / "q.onnx"
@@ -357,8 +486,13 @@ def export_int8(fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print, test=N
         src_meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
         meta = {**src_meta, "quantization": "int8-dynamic (MatMul/Gemm weights, per channel)"}
         gate = int8_gate(ort_logits(ort_session(fp32_path), x), ort_logits(ort_session(proto), x), y)
-        if test is not None:
-            meta["test_accuracy"] = f"{ort_accuracy(proto, *test):.4f}"
+        session = ort_session(proto)
+        tested = test.evaluate(session) if test is not None else None
+        if tested is not None:
+            meta["test_accuracy"] = f"{tested['accuracy']:.4f}"
+        if "ood_threshold" in src_meta and prep is not None:
+            meta.update(ood_metadata(session, x, tested, prep, log=lambda *_: None))
+            meta["ood_rule"] = src_meta["ood_rule"]  # the same score; only its threshold is the int8 file's own
         set_metadata(proto, meta)
         numbers = (
             f"top-1 agreement with fp32 {gate['top1_agreement']:.2%} (need >= {INT8_MIN_AGREEMENT:.0%}), "

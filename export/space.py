@@ -3,8 +3,8 @@
     python -m export space RUN_DIR --out my-space        # exports and verifies the model first
     python -m export space model.onnx --out my-space     # an ONNX file made by python -m export
 
-The folder holds app.py, the torch-free runtime it imports (vit/imageio.py,
-vit/runtime.py), the model, example images, a requirements.txt without torch and a
+The folder holds app.py, the torch-free runtime it imports (RUNTIME_FILES: a test checks
+that it is every project file app.py imports), the model, example images, a requirements.txt without torch and a
 README.md whose front matter Spaces reads and whose body is a model card built from the
 model's own metadata and, for a run, its validation report.
 """
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_FILES = ("app.py", "vit/__init__.py", "vit/imageio.py", "vit/runtime.py")
+RUNTIME_FILES = ("app.py", "vit/__init__.py", "vit/cpus.py", "vit/imageio.py", "vit/runtime.py")
 
 
 def versions() -> dict[str, str]:
@@ -62,8 +62,13 @@ def results_lines(meta: dict, report: dict | None) -> list[str]:
     if report:
         lines += [
             "",
-            f"Macro F1 {report['macro']['f1']:.3f}, expected calibration error {report['ece']:.3f}, "
-            f"{report['n']} validation images.",
+            f"Macro F1 {report['macro']['f1']:.3f} on {report['n']} validation images; expected calibration error "
+            f"of the probabilities the app shows {float(meta.get('ece', report['ece'])):.3f}"
+            + (
+                f" ({float(meta['ece_uncalibrated']):.3f} before temperature scaling)."
+                if "ece_uncalibrated" in meta
+                else "."
+            ),
             "",
             "| class | precision | recall | F1 | images |",
             "|---|---|---|---|---|",
@@ -71,6 +76,28 @@ def results_lines(meta: dict, report: dict | None) -> list[str]:
         for c, r in report["per_class"].items():
             lines.append(f"| {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
     return lines
+
+
+def limits(meta: dict) -> str:
+    """What the model does with images unlike its training images: only what was measured."""
+    end = " The numbers above come from the same source as the training images, not from the wild."
+    if "ood_known_rates" not in meta:
+        return (
+            "The model knows only the classes above: every image gets one of them as its answer, including "
+            "images that show none of them. Answers whose top probability is below the threshold are shown as "
+            '"not sure"; how often images unlike the training data get a confident answer has not been measured '
+            "for this model." + end
+        )
+    rates = json.loads(meta["ood_known_rates"])
+    measured = ", ".join(f"{k} {v:.0%}" for k, v in rates.items())
+    return (
+        "The model knows only the classes above. Besides the probabilities, the file scores how unlike the "
+        "training images an image is (Mahalanobis distance of its features to the nearest class); above the "
+        'threshold the app says "this does not look like any of the things this model knows" and names the '
+        f"closest class as a guess. Share of images answered as known, measured at export: {measured}. Images "
+        "that resemble the training images without showing one of the classes can still be answered as "
+        "known." + end
+    )
 
 
 def model_card(meta: dict, report: dict | None, title: str) -> str:
@@ -101,16 +128,7 @@ def model_card(meta: dict, report: dict | None, title: str) -> str:
         "",
     ]
     lines += results_lines(meta, report)
-    lines += [
-        "",
-        "## Limits",
-        "",
-        "The model knows only the classes above: every image gets one of them as its answer, including "
-        "images that show none of them. Answers whose top probability is below the threshold are shown as "
-        '"not sure"; how often images unlike the training data get a confident answer has not been measured '
-        "for this model. The numbers above come from the same source as the training images, not from the wild.",
-        "",
-    ]
+    lines += ["", "## Limits", "", limits(meta), ""]
     return "\n".join(lines)
 
 
@@ -186,7 +204,8 @@ def build_space(
             ]
         )
         (staging / "README.md").write_text(front + model_card(meta, report, title))
-        (staging / ".gitattributes").write_text("*.onnx filter=lfs diff=lfs merge=lfs -text\n")
+        lfs = ("*.onnx", "*.png", "*.jpg", "*.jpeg", "*.webp", "*.gif", "*.bmp")  # the Hub takes binaries only via LFS
+        (staging / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in lfs))
         if out.exists():
             out.rmdir()
         staging.rename(out)
@@ -219,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"Space folder ready: {out}\nPush it: cd {out} && git init && git add . && git commit -m 'Space' && "
-        "git remote add space https://huggingface.co/spaces/USER/NAME && git push space HEAD:main"
+        f"Space folder ready: {out}\nPush it with git (git-lfs needed: the model and images go through LFS):\n"
+        f"  cd {out} && git lfs install && git init && git add . && git commit -m 'Space' && "
+        "git remote add space https://huggingface.co/spaces/USER/NAME && git push space HEAD:main\n"
+        f"or with huggingface_hub: hf upload USER/NAME {out} . --repo-type space"
     )
     return 0
 

@@ -144,9 +144,20 @@ def test_batch_endpoint_gives_a_table_and_csv(client, inputs):
     )
     rows = table["data"]
     assert [r[0] for r in rows] == [good[0], "notes.png", good[1]]
-    assert rows[1][4].startswith("error:") and rows[0][1] in ("circle", "cross", "square", "triangle")
+    assert rows[1][5].startswith("error:") and rows[0][1] in ("circle", "cross", "square", "triangle")
+    assert rows[0][4] in ("yes", "no")  # the out-of-distribution answer has its column
     text = Path(csv_path).read_text()
-    assert text.splitlines()[0] == "file,label,probability,runner-up,note" and len(text.splitlines()) == 4
+    assert text.splitlines()[0] == "file,label,probability,runner-up,known,note" and len(text.splitlines()) == 4
+
+
+def test_unlike_anything_known_is_said_in_words_with_the_closest_class(client, tmp_path):
+    """Noise is not a shape: the app (and its API) says so, and still names the closest class."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    label, _, note = client.predict(handle_file(str(path)), api_name="/predict")
+    assert "does not look like any of the 4 things this model knows" in note
+    assert f"The closest is {label['label']}" in note and label["confidences"]
 
 
 def test_concurrent_clients_all_succeed(server, inputs):
@@ -203,7 +214,8 @@ def test_space_folder_runs_from_its_own_directory(run_dir, tmp_path):
     assert "Validation accuracy" in readme and (space / "assets" / "model.onnx").is_file()
     # Item 21: say only what is known and measured.
     assert "Weights: trained from scratch on" in readme and "Weights: none" not in readme
-    assert "confident answers less often" not in readme and "has not been measured" in readme
+    assert "confident answers less often" not in readme
+    assert "Share of images answered as known, measured at export: validation" in readme  # measured rates
     assert len(list((space / "assets" / "examples").iterdir())) >= 4
     env = {"PYTHONPATH": "", "PYTHONNOUSERSITE": "1"}
     proc, url, _ = launch([], cwd=space, env=env)

@@ -110,6 +110,7 @@ def test_open_image_rejects_non_images():
         (lambda r: _mk(r, {"a": 3}), "only one class"),
         (lambda r: _mk(r, {"a": 3, "b": 1}), "fewer than 2 usable images: b \\(1\\)"),
         (lambda r: _mk(r, {"train/a": 2, "train/b": 2, "val/a": 0, "val/b": 0}), "holds no images"),
+        (lambda r: _mk(r, {"training/a": 2, "training/b": 2, "validate/a": 1, "validate/b": 1}), "looks like a train"),
     ],
 )
 def test_layout_errors_say_what_to_do(tmp_path, make, message):
@@ -173,12 +174,13 @@ def test_content_decides_not_the_extension(tmp_path):
     "folders, classes, layout",
     [
         # Item 5: folders named train/val/test among classes are classes.
-        ({"train": 2, "cat": 2, "dog": 2}, ["cat", "dog", "train"], "read as classes"),
+        ({"train": 2, "cat": 2, "dog": 2}, ["cat", "dog", "train"], "train/ read as a class"),
         ({"train": 2, "val": 2}, ["train", "val"], "one sub-folder per class"),  # images directly inside: classes
-        ({"test": 2, "val": 2, "dog": 2}, ["dog", "test", "val"], "read as classes"),
+        ({"test": 2, "val": 2, "dog": 2}, ["dog", "test", "val"], "test/, val/ read as classes"),
         # Unambiguous split folders.
         ({"train/a": 2, "train/b": 2, "val/a": 1, "val/b": 1}, ["a", "b"], "val/ to validate on"),
         ({"train/a": 3, "train/b": 3, "test/a": 1, "test/b": 1}, ["a", "b"], "test/ held out"),
+        ({"train/a": 2, "train/b": 2, "valid/a": 1, "valid/b": 1}, ["a", "b"], "valid/ to validate on"),
     ],
 )
 def test_layout_is_read_unambiguously_and_said(tmp_path, folders, classes, layout):

@@ -56,7 +56,7 @@ def test_runtime_matches_pytorch_on_validation_images(exported, run_dir):
     root = run["train"]["data"]
     imgs = [open_image(f"{root}/{rel}") for rel, _ in split["val"]]
     x = np.stack([clf.preprocess(i) for i in imgs])
-    logits, _ = clf.run(x)
+    logits = clf.run(x)["logits"]
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(logits - ref).max() <= 1e-4
@@ -69,8 +69,8 @@ def test_broken_export_is_refused_and_leaves_no_file(run_dir, tmp_path, monkeypa
 
     real = oe.to_onnx
 
-    def sabotaged(model, attention=True):
-        proto = real(model, attention)
+    def sabotaged(model, attention=True, ood=None):
+        proto = real(model, attention, ood)
         for init in proto.graph.initializer:  # the head bias, shifted per class
             if list(init.dims) == [4] and init.data_type == onnx.TensorProto.FLOAT:
                 arr = onnx.numpy_helper.to_array(init) + 0.5 * np.arange(4, dtype=np.float32)
@@ -100,7 +100,8 @@ def test_int8_gate_decides_from_the_measured_numbers(exported):
     flipped[:3] = np.eye(4)[(y[:3] + 1) % 4] * 5  # 1.5% disagreement, 1.5 points lost
     g = int8_gate(good, flipped, y)
     assert not g["passed"] and g["top1_agreement"] == pytest.approx(0.985)
-    path, result = exported
+    path, result = exported  # the real int8 file exists exactly when its gate passed
+    assert path.with_name("model.int8.onnx").exists() == result["int8"]["passed"]
     if result["int8"]["passed"]:
         assert Classifier(path.with_name("model.int8.onnx")).metadata["quantization"].startswith("int8")
 
@@ -300,7 +301,7 @@ def test_attention_map_is_the_textbook_rollout(pool, class_token):
                 a = torch.cat([a, torch.eye(n)[1:].expand(3, n - 1, n)], dim=1)
             r = 0.5 * a + 0.5 * torch.eye(n)
             rollout = r / r.sum(-1, keepdim=True) @ rollout
-        row = rollout[:, 0] if pool == "token" else rollout.mean(1)
+        row = rollout[:, 0] if pool == "token" else rollout[:, cfg.num_prefix_tokens :].mean(1)
         want = row[:, cfg.num_prefix_tokens :].reshape(3, 4, 4)
         want = want / want.amax(dim=(1, 2), keepdim=True)
     assert torch.allclose(grid, want, atol=1e-6)
@@ -326,5 +327,68 @@ def test_runtime_applies_the_files_temperature(exported, shapes_dir):
     t = float(clf.metadata["temperature"])
     assert 0.05 <= t <= 20 and clf.info()["temperature"] == t
     image = next(shapes_dir.glob("*/*.png"))
-    logits, _ = clf.run(clf.preprocess(image)[None])
+    logits = clf.run(clf.preprocess(image)[None])["logits"]
     assert np.allclose(clf.predict(image).probs, softmax(logits[0] / t), atol=1e-6)
+
+
+def test_ood_score_in_the_file_equals_pytorch_and_carries_its_fit(exported, run_dir):
+    """The file's ood_score is the Mahalanobis score computed in PyTorch from the same fit, and
+    its threshold and how it was fitted are in the metadata."""
+    from export.onnx_export import fit_ood
+    from export.ood import pooled_features
+
+    path, _ = exported
+    clf = Classifier(path)
+    meta = clf.metadata
+    assert float(meta["ood_threshold"]) == clf.ood_threshold > 0
+    assert "Mahalanobis" in meta["ood_rule"] and "conformal" in meta["ood_rule"]
+    rates = json.loads(meta["ood_known_rates"])
+    assert {"validation", "uniform noise", "flat colours", "smooth gradients"} <= set(rates)
+    model, _, _ = load_run(run_dir)
+    scorer = fit_ood(model, run_dir, None, log=lambda *_: None)
+    x = np.random.default_rng(3).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = scorer(torch.from_numpy(pooled_features(model, x, scorer.blocks))).numpy()
+    got = clf.run(x)["ood_score"]
+    assert np.allclose(got, ref, rtol=1e-4, atol=1e-3), (got, ref)
+
+
+def test_noise_is_flagged_and_validation_images_are_not(exported, run_dir):
+    from vit.run import RunDir
+
+    clf = Classifier(exported[0])
+    run = RunDir(run_dir)
+    val = [Image.open(run.data_root() / rel) for rel, _ in run.items("val")]
+    known = [p.known for p in clf.predict_many(val)]
+    assert np.mean(known) >= 0.85, known
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(32)]
+    preds = clf.predict_many(noise)
+    assert np.mean([not p.known for p in preds]) >= 0.9
+    assert all(p.status == "unknown" and not p.sure and p.top_k for p in preds if not p.known)
+
+
+def test_ood_fit_recovers_a_known_gaussian_and_keeps_its_share():
+    """The class means and shared covariance of synthetic Gaussian classes, an invertible
+    covariance from fewer images than dimensions, and a conformal threshold that keeps its share."""
+    from export.ood import conformal_threshold, fit_gaussian
+
+    rng = np.random.default_rng(0)
+    d, k = 8, 3
+    mu = rng.normal(0, 5, (k, d))
+    a = rng.normal(0, 1, (d, d))
+    cov = a @ a.T + np.eye(d)
+    y = np.repeat(np.arange(k), 4000)
+    f = mu[y] + rng.multivariate_normal(np.zeros(d), cov, len(y))
+    means, precision = fit_gaussian(f, y, k)
+    assert np.abs(means - mu).max() < 0.15
+    assert np.abs(np.linalg.inv(precision) - cov).max() / np.abs(cov).max() < 0.05
+    _, few = fit_gaussian(f[:5] @ np.ones((d, 40)), y[:5], k)  # 5 images, 40 dimensions
+    assert np.isfinite(few).all()
+    scores = rng.exponential(1.0, 2000)
+    t = conformal_threshold(scores[:1000], 0.985)
+    assert 0.975 <= np.mean(scores[1000:] <= t) <= 0.995
+    assert conformal_threshold(np.arange(10.0), 0.985) == 9.0  # too few images: the largest
+    from export.ood import blocks_for
+
+    assert [blocks_for(n, 6, 128) for n in (10_000, 7_560, 1_200)] == [6, 5, 1]  # as many as the images support

@@ -72,6 +72,8 @@ def test_eval_on_another_folder(shapes_dir, tmp_path, capsys):
     rep = json.loads((out / "eval-other" / "report.json").read_text())
     assert rep["n"] == 3 and (out / "eval-other" / "confusion_matrix.png").is_file()
     assert "accuracy" in capsys.readouterr().out
+    assert run_train("--eval", out, "--data", shapes_dir, "--out", tmp_path / "own") == 0  # its own folder: said
+    assert "were in the run's training or validation split" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -533,3 +535,47 @@ def test_the_command_line_is_generated_from_the_typed_config():
     assert TrainConfig.from_dict({"learning_rate": 0.1}, saved=True) == TrainConfig()
     derived = {f.name for f in fields(TrainConfig)} - {f.name for f in flag_fields()}
     assert derived == {"device", "pretrained", "data", "ema_decay_auto", "epochs_fitted", "time_budget_note"}
+
+
+FAIL_AFTER_START = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+from vit import engine
+
+def evaluate(self):
+    raise RuntimeError("a failure after the loader's workers started")
+engine.Trainer.evaluate = evaluate
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_an_error_after_workers_started_ends_the_process(shapes_dir, tmp_path):
+    """The traceback, then an exit: no process left waiting for its loader workers."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_AFTER_START.format(root=str(ROOT)))
+    args = ["--data", shapes_dir, "--out", tmp_path / "run", "--epochs", "2", "--workers", "1", *TINY_MODEL]
+    res = subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert res.returncode != 0 and "a failure after the loader's workers started" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--val-fraction", "1.5"), ("--val-fraction", "0"), ("--batch-size", "0"), ("--hflip", "2")]
+)
+def test_settings_no_run_can_use_are_refused_by_name(shapes_dir, tmp_path, capsys, flag, value):
+    assert run_train("--data", shapes_dir, "--out", tmp_path / "r", flag, value) == 2
+    err = capsys.readouterr().err
+    assert "settings no run can use" in err and flag in err and "must be" in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(shapes_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert run_train("--resume", out) == 2
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert run_train("--data", shapes_dir, "--out", out) == 2
+    assert "delete that folder and start again" in capsys.readouterr().err

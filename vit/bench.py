@@ -33,16 +33,21 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if cpu and flags:
                 break
     except OSError:
         pass
+    relevant = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")  # what CPU kernels use
     info = dict(
         cpu=cpu,
+        cpu_flags=[f for f in relevant if f in flags],
         cpus_usable=usable_cpus(),
         torch_threads=torch.get_num_threads(),
         python=platform.python_version(),

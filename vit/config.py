@@ -100,6 +100,35 @@ class TrainConfig:
             raise ValueError(f"unknown training settings: {unknown}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def validate(self) -> TrainConfig:
+        """Refuse values no run can use, naming the flag; None (the recipe picks) always passes."""
+        rules = {
+            "positive": ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "epochs", "batch_size",
+                         "grad_accum", "lr"),
+            "a share in (0, 1)": ("val_fraction",),
+            "a probability in [0, 1]": ("hflip", "erase"),
+            "in (0, 1]": ("scale_min", "crop_pct", "min_lr_ratio"),
+            "in [0, 1)": ("label_smoothing", "dropout", "drop_path", "ema_decay"),
+            "0 or more": ("time_budget", "weight_decay", "warmup_epochs", "mixup", "cutmix", "clip_grad", "workers"),
+        }  # fmt: skip
+        ok = {
+            "positive": lambda v: v > 0,
+            "a share in (0, 1)": lambda v: 0 < v < 1,
+            "a probability in [0, 1]": lambda v: 0 <= v <= 1,
+            "in (0, 1]": lambda v: 0 < v <= 1,
+            "in [0, 1)": lambda v: 0 <= v < 1,
+            "0 or more": lambda v: v >= 0,
+        }
+        bad = [
+            f"--{name.replace('_', '-')} {getattr(self, name)} (must be {rule})"
+            for rule, names in rules.items()
+            for name in names
+            if getattr(self, name) is not None and not ok[rule](getattr(self, name))
+        ]
+        if bad:
+            raise ValueError("settings no run can use: " + ", ".join(bad))
+        return self
+
     def shown(self) -> str:
         """The settings, one line, as printed at the start of a run."""
         hidden = {"data", "time_budget_note", "ema_decay_auto", "epochs_fitted", "model"}

@@ -2,7 +2,7 @@
 
 Layouts accepted (class names are folder names, in sorted order):
     ROOT/<class>/<image>                    one folder per class; a validation split is made
-    ROOT/train/<class>/..., ROOT/val/...    (or validation/) the split is the user's
+    ROOT/train/<class>/..., ROOT/val/...    (or valid/, validation/) the split is the user's
     ROOT/train/..., ROOT/test/...           (with or without val/) test/ is held out: never
                                             used for any choice, only reported
 
@@ -45,7 +45,7 @@ from vit.imageio import (
 )
 
 HIDDEN = {"__MACOSX", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini", ".DS_Store"}
-SPLIT_DIRS = ("train", "val", "validation", "test")
+SPLIT_DIRS = ("train", "val", "valid", "validation", "test")  # valid/: Kaggle and Roboflow exports
 CACHE_BUDGET_BYTES = 4 * 2**30  # beyond this the dataset is read from disk every epoch
 
 
@@ -99,12 +99,13 @@ def _list_files(root: Path, class_dir: Path, skipped: list) -> list[str]:
 
 
 def ignore_stop_signals(*_) -> None:
-    """Worker initializer: Ctrl-C in a terminal (and SIGTERM to the process group) reaches every
-    process; only the main one decides to stop, and then it shuts its workers down itself."""
+    """Worker initializer: Ctrl-C in a terminal reaches every process of the group; only the main
+    one decides to stop, and then it shuts its workers down itself. SIGTERM keeps its default:
+    it is how the loader ends a worker that does not finish on its own (ignoring it would leave
+    the process waiting for that worker forever after an error)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def cache_side_for(image_size: tuple[int, int], crop_pct: float) -> int:
@@ -163,20 +164,30 @@ def detect_layout(root: Path) -> Layout:
     subs = {p.name.lower(): p for p in _class_dirs(root)}
     train = subs.get("train")
     if train is not None and set(subs) <= set(SPLIT_DIRS) and _class_dirs(train):
-        if "val" in subs and "validation" in subs:
-            raise DataError(f"{root} has both val/ and validation/: keep one")
-        val, test = subs.get("val") or subs.get("validation"), subs.get("test")
+        named = [subs[n].name + "/" for n in ("val", "valid", "validation") if n in subs]
+        if len(named) > 1:
+            raise DataError(f"{root} has {' and '.join(named)}: keep one validation folder")
+        val, test = subs.get("val") or subs.get("valid") or subs.get("validation"), subs.get("test")
         parts = [f"{train.name}/ to train on"]
         parts.append(f"{val.name}/ to validate on" if val else "a validation split made from it")
         if test:
             parts.append(f"{test.name}/ held out as a test set")
         return Layout(train, val, test, f"split folders: {', '.join(parts)}")
+    nested = {p.name: {c.name for c in _class_dirs(p)} for p in subs.values()}
+    shared = set.intersection(*nested.values()) if len(nested) > 1 else set()
+    split_like = any(n.lower().startswith(("train", "val", "test", "eval", "dev")) for n in nested)
+    if shared and split_like:  # training/cat, validate/cat: split folders under names not known here
+        raise DataError(
+            f"the folders {', '.join(sorted(nested))} in {root} all hold the same sub-folders "
+            f"({', '.join(sorted(shared)[:5])}): that looks like a train/validation split, not classes. Name "
+            "them train/, val/ (or valid/) and test/, or give each class its own folder directly under the root"
+        )
     described = "one sub-folder per class"
     named = sorted(n for n in subs if n in SPLIT_DIRS)
     if named:
         described += (
-            f" (the folders {', '.join(named)} are read as classes; for split folders, {root} must "
-            "hold only train/, val/ and test/, each with one sub-folder per class)"
+            f" ({', '.join(n + '/' for n in named)} read as {'classes' if len(named) > 1 else 'a class'}; for split "
+            f"folders, {root} must hold only train/, val/ (or valid/) and test/, each with one sub-folder per class)"
         )
     return Layout(root, None, None, described)
 

@@ -127,7 +127,7 @@ class State:
     best_loss: float = math.inf
     best_epoch: int = -1
     best_weights: str = "raw"
-    sums: dict = field(default_factory=lambda: dict(loss=0.0, correct=0.0, seen=0.0, wait=0.0, step=0.0))
+    sums: dict = field(default_factory=lambda: dict(loss=0.0, correct=0.0, seen=0.0, wait=0.0, step=0.0, lr=0.0))
 
 
 class Stop(Exception):
@@ -383,9 +383,19 @@ class Trainer:
         )  # fmt: skip
         batches, t_epoch, seen0 = iter(self.loader), time.perf_counter(), s.sums["seen"]
         while s.step_in_epoch < self.steps_per_epoch:
-            t0 = time.perf_counter()
-            lr, wait = self.train_step(batches)
+            t0, before = time.perf_counter(), dict(s.sums)
+            try:
+                lr, wait = self.train_step(batches)
+            except RuntimeError:  # e.g. SIGTERM to the process group ended the loader's workers
+                if self.signals.received is None:
+                    raise
+                s.sums = before  # the step did not happen: save the state from before it
+                self.opt.zero_grad(set_to_none=True)
+                bar.close()
+                self.save_checkpoint()
+                raise Stop() from None
             s.sums["wait"] += wait
+            s.sums["lr"] = lr
             s.sums["step"] += time.perf_counter() - t0
             s.step_in_epoch += 1
             s.global_step += 1
@@ -407,7 +417,7 @@ class Trainer:
             train_acc=s.sums["correct"] / seen,
             data_wait=s.sums["wait"] / max(s.sums["step"], 1e-9),
             images_per_s=s.sums["seen"] * self.d.world / max(s.sums["step"], 1e-9),
-            lr=lr,
+            lr=s.sums.get("lr", 0.0),
         )
 
     # ----- evaluation and selection ----------------------------------------------------
@@ -468,7 +478,13 @@ class Trainer:
             while s.epoch < s.total_epochs:
                 t0 = time.perf_counter()
                 train = self.train_epoch()
-                scores = self.evaluate()
+                try:
+                    scores = self.evaluate()
+                except RuntimeError:  # the validation loader's workers ended by a signal
+                    if self.signals.received is None:
+                        raise
+                    self.save_checkpoint()  # training of this epoch is done; resume validates it
+                    raise Stop() from None
                 improved = self.select(scores)
                 row = dict(
                     epoch=s.epoch + 1,

@@ -418,10 +418,12 @@ class ViT(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, D)
         return self.pos_drop(x + self.pos_embed)
 
-    def forward_features(
-        self, images: torch.Tensor, fused: bool = True, return_attn: bool = False
+    def forward_pooled(
+        self, images: torch.Tensor, fused: bool = True, return_attn: bool = False, taps: list | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eq. 1-4 up to the pooled representation y: (B, D), plus attention weights per block.
+        """Eq. 1-4 up to pooling: (B, D), before a LayerNorm that follows pooling (fc_norm), plus
+        attention weights per block. ``taps``, if given, receives every block's output pooled
+        the same way, (B, D) each (the out-of-distribution score reads them; see export.ood).
 
         With class-token pooling only the class token's row of the last block reaches y, so
         that block computes just that one query (keys and values still use every token).
@@ -434,11 +436,20 @@ class ViT(nn.Module):
             x, attn = block(x, num_queries=nq, fused=fused, return_attn=return_attn)
             if attn is not None:
                 attns.append(attn)
+            if taps is not None:
+                taps.append(x[:, 0] if self.config.pool == "token" else x[:, self.config.num_prefix_tokens :].mean(1))
         x = self.norm(x)
         if self.config.pool == "token":
             y = x[:, 0]  # z_L^0, Eq. 4
         else:
             y = x[:, self.config.num_prefix_tokens :].mean(dim=1)  # mean over patch tokens
+        return y, attns
+
+    def forward_features(
+        self, images: torch.Tensor, fused: bool = True, return_attn: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The representation y the head reads (B, D), plus attention weights per block."""
+        y, attns = self.forward_pooled(images, fused, return_attn)
         return self.fc_norm(y), attns
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

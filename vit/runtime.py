@@ -5,9 +5,11 @@
     pred = clf.predict(PIL.Image.open("cat.jpg"))
     pred.top_k      # [("cat", 0.93), ("dog", 0.05), ...]
     pred.attention  # (Gh, Gw) array in [0, 1]: where the model looked, or None
+    pred.status     # "sure", "unsure" (between its classes) or "unknown" (unlike all of them)
 
 Everything needed to use the file correctly (labels, input size, normalisation, resize,
-crop, the "not sure" threshold) is read from the ONNX file's own metadata.
+crop, temperature, the "not sure" threshold, the out-of-distribution threshold) is read
+from the ONNX file's own metadata.
 """
 
 from __future__ import annotations
@@ -58,11 +60,18 @@ class Prediction:
     top_k: list[tuple[str, float]]  # (label, probability), most likely first
     probs: np.ndarray  # (K,) over all labels, in class-index order
     attention: np.ndarray | None  # (Gh, Gw), max 1, or None if the file has no attention output
-    sure: bool  # top probability at or above the model's threshold
+    sure: bool  # like the training images, and top probability at or above the model's threshold
+    known: bool = True  # like the training images (always True for a file without an ood score)
+    ood_score: float | None = None  # larger is stranger; None if the file has no ood score
 
     @property
     def label(self) -> str:
         return self.top_k[0][0]
+
+    @property
+    def status(self) -> str:
+        """ "sure", "unsure" (between known classes) or "unknown" (unlike every known class)."""
+        return "unknown" if not self.known else "sure" if self.sure else "unsure"
 
 
 class Classifier:
@@ -70,6 +79,10 @@ class Classifier:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, warmup: bool = True):
         path = Path(path)
+        if path.is_dir():
+            raise ModelFileError(
+                f"{path} is a folder: give the .onnx file (export a run with: python -m export {path} --out m.onnx)"
+            )
         if not path.is_file():
             raise ModelFileError(f"model file not found: {path}")
         try:
@@ -87,10 +100,13 @@ class Classifier:
         self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
         self.interpolation, self.crop_pct = meta["interpolation"], float(meta["crop_pct"])
         self.threshold = float(meta.get("threshold", 0.0))
+        self.ood_threshold = float(meta["ood_threshold"]) if "ood_threshold" in meta else None
         self.temperature = float(meta.get("temperature", 1.0))  # calibration fitted at export
         self.input_name = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.has_attention = "attention" in self.outputs
+        if "ood_score" not in self.outputs:
+            self.ood_threshold = None
         if warmup:
             self.session.run(None, {self.input_name: np.zeros((1, 3, *self.image_size), np.float32)})
 
@@ -103,6 +119,8 @@ class Classifier:
             val_accuracy=m.get("val_accuracy"),
             threshold=self.threshold,
             temperature=self.temperature,
+            ood_threshold=self.ood_threshold,
+            known_rates=json.loads(m["ood_known_rates"]) if "ood_known_rates" in m else None,
             quantization=m.get("quantization", "none"),
             exported_at=m.get("exported_at"),
             weights_sha256=m.get("weights_sha256"),
@@ -113,24 +131,27 @@ class Classifier:
         img = open_image(image, DEFAULT_MAX_PIXELS)  # PIL images too: EXIF, mode
         return preprocess(img, self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, 3, H, W) -> logits (B, K) and attention (B, Gh, Gw) or None."""
-        out = dict(zip(self.outputs, self.session.run(None, {self.input_name: batch})))
-        return out["logits"], out.get("attention")
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """(B, 3, H, W) -> the file's outputs: logits (B, K), and attention (B, Gh, Gw) and
+        ood_score (B,) when it has them."""
+        return dict(zip(self.outputs, self.session.run(None, {self.input_name: batch})))
 
     def predict_many(self, images: list, top_k: int = 5) -> list[Prediction]:
-        batch = np.stack([self.preprocess(im) for im in images])
-        logits, attn = self.run(batch)
-        probs = softmax(logits / self.temperature)
+        out = self.run(np.stack([self.preprocess(im) for im in images]))
+        probs = softmax(out["logits"] / self.temperature)
+        attn, scores = out.get("attention"), out.get("ood_score")
         preds = []
         for i, p in enumerate(probs):
             order = np.argsort(-p)[:top_k]
+            known = self.ood_threshold is None or bool(scores[i] <= self.ood_threshold)
             preds.append(
                 Prediction(
                     [(self.labels[j], float(p[j])) for j in order],
                     p,
                     None if attn is None else attn[i],
-                    bool(p[order[0]] >= self.threshold),
+                    known and bool(p[order[0]] >= self.threshold),
+                    known,
+                    None if scores is None else float(scores[i]),
                 )
             )
         return preds
