@@ -196,7 +196,7 @@ class Predictor:
                 rows.append([name, "", "", "", "", f"error: {e.message}"])
                 continue
             (l1, p1), (l2, p2) = pred.top_k[0], (pred.top_k[1] if len(pred.top_k) > 1 else ("", 0.0))
-            known = "yes" if pred.known else "no"
+            known = "" if pred.ood_score is None else "yes" if pred.known else "no"  # "": the file cannot tell
             rows.append([name, l1, round(p1, 4), f"{l2} ({p2:.0%})", known, STATUS_NOTE[pred.status]])
         header = BATCH_HEADER
         self.prune_csvs()

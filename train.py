@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -120,25 +121,27 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, w
         preset = ViTConfig.preset(args.model)  # one parser of "S/16" for the whole project
         partial.update({k: getattr(preset, k) for k in ("dim", "depth", "heads", "mlp_dim", "patch_size")})
     flags = given(args)
-    cfg = TrainConfig.from_dict({**partial, **flags})
-    if "epochs" in flags and "time_budget" not in flags and cfg.time_budget:
-        cfg.time_budget = None  # an explicit --epochs is a request for that many epochs
-        cfg.time_budget_note = "off: --epochs was given without --time-budget"
-    if cfg.time_budget == 0:
-        cfg.time_budget = None
-    if cfg.layer_decay == 1:
-        cfg.layer_decay = None
-    cfg.ema_decay_auto = cfg.ema_decay is None
-    if cfg.ema_decay_auto:
-        cfg.ema_decay = ema_decay_for(cfg.epochs * math.ceil(n_train / (cfg.batch_size * world) / cfg.grad_accum))
-    if cfg.workers is None:
+    values = {**partial, **flags}
+    if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
+        # an explicit --epochs is a request for that many epochs
+        values.update(time_budget=None, time_budget_note="off: --epochs was given without --time-budget")
+    if values.get("time_budget") == 0:
+        values["time_budget"] = None
+    if values.get("layer_decay") == 1:
+        values["layer_decay"] = None
+    values["ema_decay_auto"] = values.get("ema_decay") is None
+    if values["ema_decay_auto"]:
+        accum = values.get("grad_accum") or TrainConfig().grad_accum
+        steps = values["epochs"] * math.ceil(n_train / (values["batch_size"] * world) / accum)
+        values["ema_decay"] = ema_decay_for(steps)
+    if values.get("workers") is None:
         cpus = usable_cpus()
-        cfg.workers = min(4, cpus - 1) if cpus > 2 else 1
-    cfg.device, cfg.data = device, str(scan.root)
-    cfg.pretrained = (
-        str(Path(args.pretrained).resolve()) if args.pretrained and Path(args.pretrained).exists() else args.pretrained
-    )
-    return cfg.validate()
+        values["workers"] = min(4, cpus - 1) if cpus > 2 else 1
+    pretrained = args.pretrained
+    if pretrained and Path(pretrained).exists():
+        pretrained = str(Path(pretrained).resolve())
+    values.update(device=device, data=str(scan.root), pretrained=pretrained)
+    return TrainConfig.from_dict(values).validate()
 
 
 def pretrained_run(src: str) -> dict | None:
@@ -195,8 +198,6 @@ def build_model(cfg, classes: list[str], timm_module=None):
 
     From our own weights the architecture is read from what they say about themselves, never
     guessed, and the head is kept when the classes are the same ones in the same order."""
-    from dataclasses import replace
-
     from safetensors.torch import load_file
 
     from vit import ViT, ViTConfig
@@ -326,9 +327,9 @@ def start_run(args, device: str, world: int):
         from vit.data import Split
 
         split = Split(items["train"], items["val"], items["test"], [])
-        cfg.device, cfg.data = device, str(scan.root)
-        if args.workers is not None:
-            cfg.workers = args.workers
+        cfg = replace(
+            cfg, device=device, data=str(scan.root), workers=cfg.workers if args.workers is None else args.workers
+        )
         from vit import ViT, ViTConfig
 
         return run, cfg, scan, split, ViT(ViTConfig.from_dict(saved["model"])), True, saved
@@ -475,7 +476,11 @@ def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[st
     )
     if test_ds is not None:
         result.update(held_out_test(trainer, test_ds, classes, run.path))
-    run.write_config({**run_config, "train": trainer.cfg.to_dict(), "result": result})
+    fitted = state.total_epochs if state.fitted else None  # what the time budget decided, for the record
+    run.write_config(
+        {**run_config, "train": replace(trainer.cfg, epochs_fitted=fitted, ema_decay=state.ema_decay).to_dict(),
+         "result": result}
+    )  # fmt: skip
     log(
         f"Best validation accuracy {state.best_acc:.2%} at epoch {state.best_epoch} ({state.best_weights} "
         f"weights); report in {run / 'report.md'}"

@@ -198,7 +198,8 @@ def latency(model: Path, work: Path, rounds: int = 7, runs: int = 200) -> dict:
     from vit.runtime import ort_session
 
     plain = work / "without-ood.onnx"
-    onnx.utils.extract_model(str(model), str(plain), ["pixel_values"], ["logits", "attention"])
+    outputs = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output if o.name != "ood_score"]
+    onnx.utils.extract_model(str(model), str(plain), ["pixel_values"], outputs)
     size = tuple(Classifier(model).image_size)
     x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
     sessions = {"with ood_score": ort_session(model), "without": ort_session(plain)}

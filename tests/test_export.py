@@ -368,6 +368,23 @@ def test_noise_is_flagged_and_validation_images_are_not(exported, run_dir):
     assert all(p.status == "unknown" and not p.sure and p.top_k for p in preds if not p.known)
 
 
+def test_the_int8_twin_keeps_the_score(exported, run_dir):
+    """Quantising the score's product would scramble its distances; it stays fp32 in the int8 file."""
+    import onnx
+
+    int8 = exported[0].with_name("model.int8.onnx")
+    if not int8.exists():
+        pytest.skip("the int8 gate refused this tiny model")
+    names = {i.name for i in onnx.load(str(int8)).graph.initializer}
+    assert "ood.w" in names and "ood.w_quantized" not in names
+    fp32, q = Classifier(exported[0]), Classifier(int8)
+    rng = np.random.default_rng(5)
+    noise = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(16)]
+    assert not any(p.known for p in q.predict_many(noise))
+    scores = [(a.ood_score, b.ood_score) for a, b in zip(fp32.predict_many(noise), q.predict_many(noise))]
+    assert all(abs(a - b) / a < 0.05 for a, b in scores)  # the same distances, up to the int8 features
+
+
 def test_ood_fit_recovers_a_known_gaussian_and_keeps_its_share():
     """The class means and shared covariance of synthetic Gaussian classes, an invertible
     covariance from fewer images than dimensions, and a conformal threshold that keeps its share."""

@@ -26,7 +26,7 @@ def derived(default=None):
     return field(default=default, metadata=dict(flag=False))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # ----- architecture (the recipe picks; pretrained weights fix it) -------------------
     model: str | None = setting("named variant such as Ti/16, S/16, B/16 (sets width, depth, heads, patch)")

@@ -127,6 +127,8 @@ class State:
     best_loss: float = math.inf
     best_epoch: int = -1
     best_weights: str = "raw"
+    fitted: bool = False  # the time budget has chosen total_epochs
+    ema_decay: float | None = None  # the EMA's decay now (it follows a fitted length)
     sums: dict = field(default_factory=lambda: dict(loss=0.0, correct=0.0, seen=0.0, wait=0.0, step=0.0, lr=0.0))
 
 
@@ -187,8 +189,9 @@ class Trainer:
     """Train -> evaluate -> keep the best -> log, epoch after epoch, with exact resume.
 
     ``budget``: fit the number of epochs to a wall-clock budget (``cfg.epochs`` is then an
-    upper bound); ``cfg.epochs_fitted`` records the length chosen. With
-    ``cfg.ema_decay_auto`` the EMA's horizon follows the run's length.
+    upper bound). What the run decides as it goes (that length, the EMA decay that follows
+    it when ``cfg.ema_decay_auto``) lives in ``State``, which the checkpoint holds; the
+    config is only read.
     """
 
     def __init__(
@@ -218,7 +221,8 @@ class Trainer:
         )  # fmt: skip
         self.ema = None
         if cfg.ema:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            decay = get_ema_multi_avg_fn(cfg.ema_decay)
+            self.ema = AveragedModel(self.model, multi_avg_fn=decay, use_buffers=True)
         self.net = self.model
         if d.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
@@ -229,7 +233,7 @@ class Trainer:
             cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         self.mix = self._mixer()
-        self.state = State(total_epochs=cfg.epochs)
+        self.state = State(total_epochs=cfg.epochs, ema_decay=cfg.ema_decay)
         self.signals = StopSignals()
         self.weights_metadata: dict[str, str] = {}  # written into model.safetensors beside the weights
 
@@ -254,13 +258,13 @@ class Trainer:
             t = torch.tensor([epochs], device=self.device)
             dist.broadcast(t, 0)
             epochs = int(t.item())
-        s, cfg = self.state, self.cfg
-        if epochs == s.total_epochs and cfg.epochs_fitted:
+        s = self.state
+        if epochs == s.total_epochs and s.fitted:
             return
-        s.total_epochs = cfg.epochs_fitted = epochs
-        if cfg.ema_decay_auto and self.ema is not None:
-            cfg.ema_decay = ema_decay_for(epochs * self.steps_per_epoch)
-            self.ema.multi_avg_fn = get_ema_multi_avg_fn(cfg.ema_decay)
+        s.total_epochs, s.fitted = epochs, True
+        if self.cfg.ema_decay_auto and self.ema is not None:
+            s.ema_decay = ema_decay_for(epochs * self.steps_per_epoch)
+            self.ema.multi_avg_fn = get_ema_multi_avg_fn(s.ema_decay)
         if self.d.main:
             self.log(
                 f"Time budget {self.budget.seconds / 60:g} min: about {per_epoch:.1f}s per epoch, so {epochs} "
@@ -293,7 +297,6 @@ class Trainer:
             optimizer=self.opt.state_dict(),
             ema=self.ema.state_dict() if self.ema else None,
             state=dict(self.state.__dict__),
-            config=self.cfg.to_dict(),
         )
 
     def save_checkpoint(self) -> None:
@@ -306,12 +309,9 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         if self.ema is not None and ck["ema"] is not None:
             self.ema.load_state_dict(ck["ema"])
-        self.state = State(**ck["state"])
-        for key in ("epochs_fitted", "ema_decay"):  # what the time budget decided during the run
-            if key in ck["config"]:
-                setattr(self.cfg, key, ck["config"][key])
+        self.state = State(**{"ema_decay": self.cfg.ema_decay, **ck["state"]})
         if self.ema is not None:
-            self.ema.multi_avg_fn = get_ema_multi_avg_fn(self.cfg.ema_decay)
+            self.ema.multi_avg_fn = get_ema_multi_avg_fn(self.state.ema_decay)
 
     def save_best(self, which: str) -> None:
         model = self.ema.module if which == "ema" else self.model
@@ -362,7 +362,7 @@ class Trainer:
     def first_estimate(self) -> None:
         """The run's first length, from its first six steps (the time budget)."""
         s = self.state
-        if self.budget is None or self.cfg.epochs_fitted or s.epoch != 0:
+        if self.budget is None or s.fitted or s.epoch != 0:
             return
         if s.step_in_epoch == min(6, self.steps_per_epoch):
             step = s.sums["step"] / s.step_in_epoch
