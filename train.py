@@ -23,8 +23,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 STOPPED_EARLY = (
     "holds a run that stopped before its first checkpoint, so there is nothing to resume: delete that folder "
     "and start again, or pick another --out"
@@ -144,101 +142,6 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, w
     return TrainConfig.from_dict(values).validate()
 
 
-def pretrained_run(src: str) -> dict | None:
-    """Our own weights as the starting point: a run folder, or a .safetensors file that says what
-    it is (its run's config.json beside it, or the description train.py writes into the file).
-    Returns {model, labels, preprocessing, weights} or None for timm names and other files."""
-    import json
-
-    from safetensors import safe_open
-
-    from vit.run import RunDir
-
-    path = Path(src).expanduser()
-    if path.is_dir():
-        run = RunDir(path)
-        run.require_trained()
-        return {**run.config(), "weights": run / RunDir.WEIGHTS}
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    if (path.parent / RunDir.CONFIG).is_file():
-        cfg = RunDir(path.parent).config()
-        if {"model", "labels", "preprocessing"} <= set(cfg):
-            return {**cfg, "weights": path}
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if {"vit_config", "labels", "preprocessing"} <= set(meta):
-        parts = {k: json.loads(meta[k]) for k in ("labels", "preprocessing")}
-        return dict(model=json.loads(meta["vit_config"]), weights=path, **parts)
-    return None
-
-
-def pretrained_preprocessing(src: str) -> tuple[dict, object]:
-    """(preprocessing the pretrained weights expect, a timm module already created or None)."""
-    from vit.convert import CHECKPOINT_SUFFIXES, create_pretrained_timm, timm_preprocessing
-
-    ours = pretrained_run(src)
-    if ours is not None:
-        p = ours["preprocessing"]
-        size = p["image_size"]
-        return dict(p, image_size=size[0] if size[0] == size[1] else list(size)), None
-    if Path(src).suffix in CHECKPOINT_SUFFIXES or Path(src).exists():
-        google = Path(src).suffix == ".npz"
-        mean, std = ([0.5] * 3, [0.5] * 3) if google else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-        log(f"note: {src} carries no preprocessing; using mean {mean} std {std} (override with --mean/--std)")
-        return dict(mean=mean, std=std, interpolation="bicubic", crop_pct=0.875, image_size=224), None
-    module = create_pretrained_timm(src)
-    prep = timm_preprocessing(module)
-    prep["image_size"] = module.patch_embed.img_size[0]
-    return prep, module
-
-
-def build_model(cfg, classes: list[str], timm_module=None):
-    """A fresh ViT, or pretrained weights at the run's input size with a head for its classes.
-
-    From our own weights the architecture is read from what they say about themselves, never
-    guessed, and the head is kept when the classes are the same ones in the same order."""
-    from safetensors.torch import load_file
-
-    from vit import ViT, ViTConfig
-    from vit.convert import from_timm
-
-    fields = dict(dropout=cfg.dropout, drop_path=cfg.drop_path)
-    size = cfg.image_size
-    if cfg.pretrained:
-        ours = pretrained_run(cfg.pretrained)
-        if ours is None:
-            return from_timm(timm_module or cfg.pretrained, num_classes=len(classes), image_size=size, **fields)
-        model = ViT(replace(ViTConfig.from_dict(ours["model"]), **fields))
-        model.load_state_dict(load_file(str(ours["weights"])))
-        if tuple(model.config.image_size) != ((size, size) if isinstance(size, int) else tuple(size)):
-            model.set_image_size(size)
-        if ours["labels"] != classes:
-            model.reset_head(len(classes))
-        return model
-    for k in ("dim", "depth", "heads", "mlp_dim", "patch_size", "image_size"):
-        if getattr(cfg, k) is None:
-            raise ValueError(f"missing model setting {k}")
-    pool = cfg.pool or "token"
-    return ViT(
-        ViTConfig(
-            image_size=size,
-            patch_size=cfg.patch_size,
-            num_classes=len(classes),
-            dim=cfg.dim,
-            depth=cfg.depth,
-            heads=cfg.heads,
-            mlp_dim=cfg.mlp_dim,
-            stem=cfg.stem or "patch",
-            # Average pooling goes with no class token and a LayerNorm after pooling (timm's layout).
-            pool=pool,
-            class_token=pool == "token",
-            fc_norm=pool == "avg",
-            **fields,
-        )
-    )
-
-
 def model_preprocessing(cfg, model_cfg) -> dict:
     return dict(
         image_size=list(model_cfg.image_size),
@@ -296,46 +199,57 @@ def make_datasets(scan, split, cfg, model_cfg):
 
 
 def start_run(args, device: str, world: int):
-    """(run, cfg, scan, split, model, resumed, saved config) for a new run or a resumed one."""
-    from vit.config import ARCHITECTURE, TrainConfig, changed_on_resume, given
+    """(run, cfg, scan, split, model, resumed) for a new run or a resumed one."""
+    from vit.data import DataError
+
+    if args.resume is not None:
+        return resume_run(args, device)
+    if args.data is None or args.out is None:
+        raise DataError("pass --data PATH and --out RUN_DIR (or --resume RUN_DIR, or --eval RUN_DIR --data PATH)")
+    return new_run(args, device, world)
+
+
+def resume_run(args, device: str):
+    """The run's own settings, split and architecture, checked against what is on disk now."""
+    from vit import ViT, ViTConfig
+    from vit.config import TrainConfig, changed_on_resume, given
+    from vit.data import DataError, Split, scan_folder
+    from vit.imageio import DEFAULT_MAX_PIXELS
+    from vit.run import RunDir
+
+    run = RunDir(args.resume)
+    if not run.is_resumable():
+        if (run / run.CONFIG).is_file():
+            raise DataError(f"{run} {STOPPED_EARLY}")
+        raise DataError(f"{run} holds no resumable run (no checkpoint.pt / config.json)")
+    saved = run.config()
+    cfg = TrainConfig.from_dict(saved["train"], saved=True)
+    changed = (["--pretrained"] if args.pretrained else []) + changed_on_resume(cfg, given(args))
+    if changed:
+        raise DataError(f"--resume continues with the run's own settings; drop {', '.join(changed)}")
+    cache = planned_cache(args, saved, None, device)
+    scan = scan_folder(
+        run.data_root(args.data), args.strict, args.max_pixels or DEFAULT_MAX_PIXELS, args.cache, **cache
+    )
+    if scan.classes != saved["labels"]:
+        raise DataError(f"the classes in {scan.root} ({scan.classes}) differ from the run's ({saved['labels']})")
+    items = run.split_items({rel for rel, _ in scan.train + (scan.val or []) + (scan.test or [])})
+    split = Split(items["train"], items["val"], items["test"], [])
+    workers = cfg.workers if args.workers is None else args.workers
+    cfg = replace(cfg, device=device, data=str(scan.root), workers=workers)
+    return run, cfg, scan, split, ViT(ViTConfig.from_dict(saved["model"])), True
+
+
+def new_run(args, device: str, world: int):
+    """Check the flags, scan and split the folder, resolve the settings, build the model."""
+    import torch
+
+    from vit.build import build_model, pretrained_preprocessing
+    from vit.config import ARCHITECTURE, TrainConfig, given
     from vit.data import DataError, scan_folder, split_train_val
     from vit.imageio import DEFAULT_MAX_PIXELS
     from vit.run import RunDir
 
-    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
-    if args.resume is not None:
-        run = RunDir(args.resume)
-        if not run.is_resumable():
-            if (run / run.CONFIG).is_file():
-                raise DataError(f"{run} {STOPPED_EARLY}")
-            raise DataError(f"{run} holds no resumable run (no checkpoint.pt / config.json)")
-        saved = run.config()
-        cfg = TrainConfig.from_dict(saved["train"], saved=True)
-        changed = (["--pretrained"] if args.pretrained else []) + changed_on_resume(cfg, given(args))
-        if changed:
-            raise DataError(f"--resume continues with the run's own settings; drop {', '.join(changed)}")
-        cache = planned_cache(args, saved, None, device)
-        scan = scan_folder(run.data_root(args.data), args.strict, max_pixels, args.cache, **cache)
-        if scan.classes != saved["labels"]:
-            raise DataError(f"the classes in {scan.root} ({scan.classes}) differ from the run's ({saved['labels']})")
-        saved_split = run.split()
-        usable = {rel for rel, _ in scan.train + (scan.val or []) + (scan.test or [])}
-        items = {k: [tuple(x) for x in saved_split.get(k) or []] for k in ("train", "val", "test")}
-        missing = [r for rs in items.values() for r, _ in rs if r not in usable]
-        if missing:
-            raise DataError(f"{len(missing)} images of the saved split are gone or unusable, e.g. {missing[0]}")
-        from vit.data import Split
-
-        split = Split(items["train"], items["val"], items["test"], [])
-        cfg = replace(
-            cfg, device=device, data=str(scan.root), workers=cfg.workers if args.workers is None else args.workers
-        )
-        from vit import ViT, ViTConfig
-
-        return run, cfg, scan, split, ViT(ViTConfig.from_dict(saved["model"])), True, saved
-
-    if args.data is None or args.out is None:
-        raise DataError("pass --data PATH and --out RUN_DIR (or --resume RUN_DIR, or --eval RUN_DIR --data PATH)")
     shape = [n for n in ARCHITECTURE if getattr(args, n) is not None]
     if args.pretrained and shape:
         flags = ", ".join("--" + n.replace("_", "-") for n in shape)
@@ -346,17 +260,15 @@ def start_run(args, device: str, world: int):
         raise DataError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
     if run.exists():
         raise DataError(f"{run} {STOPPED_EARLY}")
-    prep, module = pretrained_preprocessing(args.pretrained) if args.pretrained else (None, None)
+    prep, module = pretrained_preprocessing(args.pretrained, log) if args.pretrained else (None, None)
     cache = planned_cache(args, None, prep, device)
-    scan = scan_folder(args.data, args.strict, max_pixels, args.cache, **cache)
+    scan = scan_folder(args.data, args.strict, args.max_pixels or DEFAULT_MAX_PIXELS, args.cache, **cache)
     defaults = TrainConfig()
     val_fraction = args.val_fraction if args.val_fraction is not None else defaults.val_fraction
     split = split_train_val(scan, val_fraction, args.seed if args.seed is not None else defaults.seed)
     cfg = resolve(args, scan, len(split.train), device, prep, world)
-    import torch
-
     torch.manual_seed(cfg.seed)
-    return run, cfg, scan, split, build_model(cfg, scan.classes, module), False, None
+    return run, cfg, scan, split, build_model(cfg, scan.classes, module), False
 
 
 def train(args) -> int:
@@ -373,7 +285,7 @@ def train(args) -> int:
     device = resolve_device(args.device, d)
     say = log if d.main else (lambda *a: None)
     try:
-        run, cfg, scan, split, model, resumed, _ = start_run(args, device.type, d.world)
+        run, cfg, scan, split, model, resumed = start_run(args, device.type, d.world)
         if d.main:
             describe_scan(scan, split)
         train_ds, val_ds, test_ds = make_datasets(scan, split, cfg, model.config)
@@ -512,93 +424,10 @@ def held_out_test(trainer, test_ds, classes: list[str], run_dir: Path) -> dict:
 
 
 def evaluate(args) -> int:
-    from vit import report
-    from vit.data import DataError, scan_folder
-    from vit.imageio import DEFAULT_MAX_PIXELS, open_image
+    from vit.evaluation import evaluate as evaluate_folder
 
-    source = args.eval
-    if args.data is None:
-        raise DataError("--eval RUN_DIR|MODEL.onnx needs --data PATH: the folder to evaluate on")
-    onnx_file = source.suffix == ".onnx"
-    if onnx_file:
-        from vit.runtime import Classifier
-
-        clf = Classifier(source)
-        labels, prep = clf.labels, None
-    else:
-        from vit.run import RunDir
-
-        run = RunDir(source)
-        if not run.is_trained():
-            raise DataError(f"{source} holds no trained model (config.json and model.safetensors)")
-        labels, prep = run.config()["labels"], run.config()["preprocessing"]
-    scan = scan_folder(
-        args.data,
-        strict=args.strict,
-        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        cache=False,
-        min_classes=1,
-        min_per_class=1,
-    )
-    items = scan.test or scan.val or scan.train
-    unknown = sorted(set(scan.classes) - set(labels))
-    if unknown:
-        raise DataError(f"{args.data} has classes the model does not know: {unknown} (it knows {labels})")
-    items = [(rel, labels.index(scan.classes[lab])) for rel, lab in items]
-    if scan.skipped:
-        shown = "; ".join(f"{rel} ({why})" for rel, why in scan.skipped[:5])
-        log(f"skipped {len(scan.skipped)} unusable files: {shown}" + (" ..." if len(scan.skipped) > 5 else ""))
-    if not onnx_file:
-        seen = seen_in_training(run, scan.root, items)
-        if seen:
-            log(
-                f"warning: {seen} of these {len(items)} images were in the run's training or validation split, so "
-                "this accuracy is not a held-out number (a test/ folder is)"
-            )
-    load = lambda i: open_image(scan.root / items[i][0], scan.max_pixels)  # noqa: E731
-    if onnx_file:
-        probs = np.concatenate(  # the file's own preprocessing and temperature, as the app applies them
-            [np.stack([p.probs for p in clf.predict_many([load(j) for j in range(i, min(i + 32, len(items)))])])
-             for i in range(0, len(items), 32)]
-        )  # fmt: skip
-    else:
-        probs = torch_probs(run.load_model(), scan, items, prep)
-    ys = np.array([y for _, y in items])
-    default = source.with_suffix("").parent / f"eval-{source.stem}-{scan.root.name}" if onnx_file else None
-    out = args.out or default or source / f"eval-{scan.root.name}"
-    scores = report.write_report(out, labels, probs, ys, load, title=f"Evaluation of {source.name} on {args.data}")
-    log(
-        f"{scores['n']} images from {args.data}: accuracy {scores['accuracy']:.2%}, macro F1 "
-        f"{scores['macro']['f1']:.3f}; report in {out / 'report.md'}"
-    )
+    evaluate_folder(args.eval, args.data, args.out, args.strict, args.max_pixels, log)
     return 0
-
-
-def seen_in_training(run, root: Path, items: list) -> int:
-    """How many of ``items`` (under ``root``) the run trained or validated on."""
-    from vit.run import RunError
-
-    try:
-        if run.data_root() != root:
-            return 0
-    except RunError:  # the run's folder has moved: it cannot be this one
-        return 0
-    split = run.split()
-    used = {rel for rel, _ in split["train"] + split["val"]}
-    return sum(rel in used for rel, _ in items)
-
-
-def torch_probs(model, scan, items, prep: dict) -> np.ndarray:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from vit.data import FolderDataset, eval_transform
-
-    size = tuple(prep["image_size"])
-    transform = eval_transform(size, prep["mean"], prep["std"], prep["crop_pct"], prep["interpolation"])
-    ds = FolderDataset(scan, items, transform)
-    with torch.inference_mode():
-        return torch.cat([model(x).softmax(-1) for x, _ in DataLoader(ds, batch_size=64)]).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -429,6 +429,7 @@ def test_misspelt_choices_fail_at_once(flag, value, capsys):
 def test_finetuning_from_our_own_run_reads_its_config(run_dir, shapes_dir, tmp_path):
     """Item 6: a run folder (or its weights file) as --pretrained gives the same model, heads
     and conv stem included, and the same logits before any training step."""
+    from vit.build import build_model
     from vit.config import TrainConfig
     from vit.run import RunDir
 
@@ -440,11 +441,11 @@ def test_finetuning_from_our_own_run_reads_its_config(run_dir, shapes_dir, tmp_p
     lone.write_bytes((run_dir / "model.safetensors").read_bytes())
     for src in (run_dir, run_dir / "model.safetensors", lone):
         cfg = TrainConfig(pretrained=str(src), dropout=0.0, drop_path=0.0, image_size=32)
-        model = train.build_model(cfg, labels).eval()
+        model = build_model(cfg, labels).eval()
         assert model.config == ref.config and model.config.heads == 2 and model.config.stem == "conv"
         with torch.no_grad():
             assert torch.equal(model(x), ref(x))
-    other = train.build_model(cfg, ["a", "b", "c"]).eval()  # other classes: the same features, a new head
+    other = build_model(cfg, ["a", "b", "c"]).eval()  # other classes: the same features, a new head
     with torch.no_grad():
         assert torch.equal(other.forward_features(x)[0], ref.forward_features(x)[0])
         assert torch.equal(other(x), torch.zeros(3, 3))

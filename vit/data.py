@@ -246,6 +246,7 @@ def _decode_all(
     return hashes, sizes, images, said
 
 
+# The scan's steps in their order (layout, files, decode, checks); each step is its own helper.
 def scan_folder(
     root: str | os.PathLike,
     strict: bool = False,

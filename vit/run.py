@@ -115,6 +115,15 @@ class RunDir:
             )
         return root
 
+    def split_items(self, usable: set[str]) -> dict[str, list[tuple[str, int]]]:
+        """The saved split ({"train", "val", "test"}: items), checked against the files usable now."""
+        saved = self.split()
+        items = {k: [tuple(x) for x in saved.get(k) or []] for k in ("train", "val", "test")}
+        missing = [r for rs in items.values() for r, _ in rs if r not in usable]
+        if missing:
+            raise RunError(f"{len(missing)} images of the saved split are gone or unusable, e.g. {missing[0]}")
+        return items
+
     def items(self, which: str, limit: int | None = None, seed: int = 0) -> list[tuple[str, int]]:
         """The run's ``val`` or ``test`` items (or ``train``), stratified down to ``limit``."""
         return stratified_sample(self.split().get(which) or [], limit, seed)
