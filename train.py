@@ -375,7 +375,7 @@ def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[st
     trainer.model.load_state_dict(load_file(str(run / run.WEIGHTS)))
     probs, labels = trainer.predict(trainer.model)
     scores = report.write_report(
-        run.path, classes, probs.numpy(), labels.numpy(), val_ds.load, metrics_csv=run / "metrics.csv",
+        run.path, classes, probs.numpy(), labels.numpy(), val_ds.load, metrics_csv=run / run.METRICS,
         title="Validation report",
     )  # fmt: skip
     result = dict(

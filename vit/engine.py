@@ -30,6 +30,7 @@ from vit.budget import TimeBudget
 from vit.config import TrainConfig
 from vit.data import EpochSampler, ignore_stop_signals, sample_seed
 from vit.model import ViT
+from vit.run import RunDir
 
 # --------------------------------------------------------------------------------------
 # Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
@@ -301,7 +302,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.d.main:
-            files.torch_save(self.run_dir / "checkpoint.pt", self.checkpoint())
+            files.torch_save(self.run_dir / RunDir.CHECKPOINT, self.checkpoint())
 
     def load_checkpoint(self, path: Path) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -316,7 +317,7 @@ class Trainer:
     def save_best(self, which: str) -> None:
         model = self.ema.module if which == "ema" else self.model
         files.save_safetensors(
-            self.run_dir / "model.safetensors",
+            self.run_dir / RunDir.WEIGHTS,
             model.state_dict(),
             metadata={"format": "pt", "weights": which, **self.weights_metadata},
         )
@@ -459,7 +460,7 @@ class Trainer:
     def log_epoch(self, row: dict, improved: bool) -> None:
         if not self.d.main:
             return
-        report.append_metrics(self.run_dir / "metrics.csv", row)
+        report.append_metrics(self.run_dir / RunDir.METRICS, row)
         self.log(
             f"epoch {row['epoch']:>3}/{self.state.total_epochs}  loss {row['train_loss']:.4f}  "
             f"acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}"

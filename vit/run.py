@@ -4,7 +4,8 @@
     RUN_DIR/split.json         the train / validation / test items: (path relative to the data root, class)
     RUN_DIR/skipped.json       files the scan skipped, and notes on files it used anyway
     RUN_DIR/checkpoint.pt      everything to resume
-    RUN_DIR/model.safetensors  the best weights
+    RUN_DIR/model.safetensors  the best weights (their config, labels and preprocessing in its metadata)
+    RUN_DIR/metrics.csv        one row per epoch
 
 train.py, ``--eval``, export and the Space builder all go through ``RunDir``. Every write is
 atomic. This module imports no torch until a model is asked for.
@@ -48,7 +49,7 @@ def stratified_sample(items: list[tuple[str, int]], limit: int | None, seed: int
 
 class RunDir:
     CONFIG, SPLIT, SKIPPED = "config.json", "split.json", "skipped.json"
-    CHECKPOINT, WEIGHTS = "checkpoint.pt", "model.safetensors"
+    CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "model.safetensors", "metrics.csv"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
