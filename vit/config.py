@@ -5,7 +5,8 @@
 ``train.py``'s command line is generated from these fields (``add_flags``), so a setting
 is added once, here. A field whose default is None is chosen by the recipe; ``resume``
 says whether ``--resume`` may change it ("fixed": it defines the run, "free": it only says
-how to run it). The resolved config is saved in ``config.json`` and in the checkpoint.
+how to run it). The resolved config is saved in ``config.json``; what the run decides as it
+goes (the time budget's length and EMA decay) lives in the trainer's checkpointed state.
 """
 
 from __future__ import annotations

@@ -310,7 +310,9 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         if self.ema is not None and ck["ema"] is not None:
             self.ema.load_state_dict(ck["ema"])
-        self.state = State(**{"ema_decay": self.cfg.ema_decay, **ck["state"]})
+        old = ck.get("config") or {}  # checkpoints of earlier versions kept the budget's decisions there
+        earlier = {"ema_decay": old.get("ema_decay", self.cfg.ema_decay), "fitted": bool(old.get("epochs_fitted"))}
+        self.state = State(**{**earlier, **ck["state"]})
         if self.ema is not None:
             self.ema.multi_avg_fn = get_ema_multi_avg_fn(self.state.ema_decay)
 
