@@ -580,3 +580,20 @@ def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(shapes_dir, t
     assert "stopped before its first checkpoint" in capsys.readouterr().err
     assert run_train("--data", shapes_dir, "--out", out) == 2
     assert "delete that folder and start again" in capsys.readouterr().err
+
+
+def test_resume_reads_a_checkpoint_of_the_earlier_layout(run_dir, tmp_path):
+    """Checkpoints of the previous version kept the budget's length and EMA decay in a config
+    entry; a resume must still take them from there."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.onnx"))
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    for key in ("fitted", "ema_decay"):
+        ck["state"].pop(key)
+    ck["config"] = {"ema_decay": 0.5, "epochs_fitted": ck["state"]["total_epochs"]}
+    torch.save(ck, run / "checkpoint.pt")
+    assert run_train("--resume", run, "--workers", "0") == 0  # already at its last epoch: it only reports
+    t = json.loads((run / "config.json").read_text())["train"]
+    assert t["ema_decay"] == 0.5 and t["epochs_fitted"] == ck["state"]["total_epochs"]
