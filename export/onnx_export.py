@@ -182,8 +182,9 @@ def torch_logits(model: ViT, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 def verify(
     proto: onnx.ModelProto, model: ViT, x: np.ndarray, with_attention: bool, ood: nn.Module | None = None
-) -> dict:
-    """Check the file and compare it with PyTorch; raise ExportError on any failure."""
+) -> tuple[dict, object]:
+    """Check the file and compare it with PyTorch; raise ExportError on any failure. Returns the
+    numbers and the onnxruntime session it made, for the caller's further use of the file."""
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
@@ -222,7 +223,7 @@ def verify(
         if rel > MAX_REL_OOD_DIFF:
             raise ExportError(f"onnxruntime and PyTorch disagree on the ood score: max relative difference {rel:.2e}")
         check["max_rel_ood_diff"] = rel
-    return check
+    return check, sess
 
 
 def save_proto(proto: onnx.ModelProto, out: Path) -> None:
@@ -244,47 +245,57 @@ def split_inputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The run's ``val`` (or ``train``) images, a seeded sample stratified over every class
     (all of them up to ``limit``), preprocessed exactly as the runtime will, and labels."""
-    x, y, _ = load_inputs(RunDir(run_dir), RunDir(run_dir).items(which, limit), data)
+    run = RunDir(run_dir)
+    reader = InputReader(run, data)
+    x, y, _ = reader(run.items(which, limit))
     if not len(y):
         raise ExportError(
-            f"no {which} images found under {RunDir(run_dir).data_root(data)}: the run's data folder is needed; "
-            "pass it with --data PATH"
+            f"no {which} images found under {reader.root}: the run's data folder is needed; pass it with --data PATH"
         )
     return x, y
 
 
-def load_inputs(run: RunDir, items: list, data: Path | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(images preprocessed as the runtime will, labels, files that could not be read)."""
-    from vit.imageio import DEFAULT_MAX_PIXELS, BadImage, open_image, preprocess
+class InputReader:
+    """A run's images, preprocessed as the runtime will: the run's settings and data folder are
+    read once, then any number of batches of items go through it."""
 
-    cfg = run.config()
-    p, root = cfg["preprocessing"], run.data_root(data)
-    max_pixels = cfg.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS
-    xs, ys = [], []
-    for rel, y in items:
-        try:
-            img = open_image(root / rel, max_pixels)
-        except (BadImage, OSError):
-            continue
-        xs.append(preprocess(img, tuple(p["image_size"]), p["mean"], p["std"], p["crop_pct"], p["interpolation"]))
-        ys.append(y)
-    shape = (0, 3, *p["image_size"])
-    return (np.stack(xs) if xs else np.zeros(shape, np.float32)), np.array(ys, dtype=np.int64), len(items) - len(ys)
+    def __init__(self, run: RunDir, data: Path | None):
+        from vit.imageio import DEFAULT_MAX_PIXELS
+
+        cfg = run.config()
+        self.prep, self.root = cfg["preprocessing"], run.data_root(data)
+        self.max_pixels = cfg.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS
+
+    def __call__(self, items: list) -> tuple[np.ndarray, np.ndarray, int]:
+        """(images, labels, files that could not be read)."""
+        from vit.imageio import BadImage, open_image, preprocess
+
+        p = self.prep
+        xs, ys = [], []
+        for rel, y in items:
+            try:
+                img = open_image(self.root / rel, self.max_pixels)
+            except (BadImage, OSError):
+                continue
+            xs.append(preprocess(img, tuple(p["image_size"]), p["mean"], p["std"], p["crop_pct"], p["interpolation"]))
+            ys.append(y)
+        empty = np.zeros((0, 3, *p["image_size"]), np.float32)
+        return (np.stack(xs) if xs else empty), np.array(ys, dtype=np.int64), len(items) - len(ys)
 
 
 class HeldOut:
     """The run's test/ split, streamed in batches (it may be large), never used for a choice."""
 
     def __init__(self, run_dir: Path, data: Path | None, batch: int = 256):
-        self.run, self.data, self.batch = RunDir(run_dir), data, batch
-        self.items = self.run.items("test")
+        run = RunDir(run_dir)
+        self.read, self.batch, self.items = InputReader(run, data), batch, run.items("test")
 
     def evaluate(self, session) -> dict:
         """Accuracy of a file on every readable test image, and its ood scores if it has them."""
         names = {o.name for o in session.get_outputs()}
         correct, n, skipped, scores = 0, 0, 0, []
         for i in range(0, len(self.items), self.batch):
-            x, y, missing = load_inputs(self.run, self.items[i : i + self.batch], self.data)
+            x, y, missing = self.read(self.items[i : i + self.batch])
             skipped += missing
             if not len(y):
                 continue
@@ -377,8 +388,7 @@ def export_run(
     scorer = fit_ood(model, run_dir, data, log) if ood else None
     proto = to_onnx(model, attention, scorer)
     check_x = np.concatenate([x[y == k][: max(1, VERIFY_IMAGES // model.config.num_classes)] for k in np.unique(y)])
-    check = verify(proto, model, check_x, attention, scorer)
-    session = ort_session(proto)  # verified equal to PyTorch, and faster
+    check, session = verify(proto, model, check_x, attention, scorer)  # verified: used for the rest (faster)
     logits = ort_logits(session, x)
     meta = {**run_metadata(run, weights, attention), **calibration(logits, y, model.config.num_classes, log)}
     test = HeldOut(run_dir, data) if RunDir(run_dir).split().get("test") else None
@@ -438,14 +448,14 @@ def fit_ood(model: ViT, run_dir: Path, data: Path | None, log=print):
     run, cfg = RunDir(run_dir), model.config
     items = run.items("train", FIT_IMAGES)
     blocks = blocks_for(len(items), cfg.depth, cfg.dim)
-    feats, labels = [], []
+    feats, labels, read = [], [], InputReader(run, data)
     for i in range(0, len(items), 256):  # in batches: 10,000 images at 224 px would be 6 GB at once
-        x, y, _ = load_inputs(run, items[i : i + 256], data)
+        x, y, _ = read(items[i : i + 256])
         if len(y):
             feats.append(pooled_features(model, x, blocks))
             labels.append(y)
     if not labels:
-        raise ExportError(f"no training images found under {run.data_root(data)}: pass the data folder with --data")
+        raise ExportError(f"no training images found under {read.root}: pass the data folder with --data")
     yt = np.concatenate(labels)
     means, precision = fit_gaussian(np.concatenate(feats), yt, cfg.num_classes)
     log(f"out-of-distribution score: the last {blocks} of {cfg.depth} blocks, fitted on {len(yt)} training images")
