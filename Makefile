@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 HOST   ?= 127.0.0.1
 PORT   ?= 7860
+WEB_PORT ?= 8000
 
-.PHONY: demo demo-model test lint bench install browser clean
+.PHONY: demo demo-model web web-runtime test lint bench install browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,16 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed and cannot be installed here: the browser test will be skipped"; fi; }
 
+# onnxruntime-web for the static page: pinned, integrity-checked, downloaded once into the user cache.
+web-runtime: install
+	@$(BIN)/python -m export web-runtime || echo "onnxruntime-web could not be fetched: the web page's browser tests will be skipped"
+
+# The static page for the bundled model, served on http://127.0.0.1:8000 (an option, not a set-up step).
+web: install
+	rm -rf runs/web
+	$(BIN)/python -m export web assets/model.onnx --out runs/web --examples 12 --examples-from assets/examples --title "ViT shapes classifier"
+	$(BIN)/python -m export serve runs/web --host $(HOST) --port $(WEB_PORT)
+
 # The app on the bundled model: checks the model file, then serves http://127.0.0.1:7860
 demo: install
 	$(BIN)/python -c "from vit.runtime import Classifier; c = Classifier('assets/model.onnx'); \
@@ -43,7 +54,7 @@ demo-model: install
 	$(BIN)/python -m export runs/demo --out assets/model.onnx --canvas
 	$(BIN)/python benchmarks/demo_accuracy.py --model assets/model.onnx
 
-test: install browser
+test: install browser web-runtime
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

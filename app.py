@@ -262,7 +262,8 @@ def build_ui(clf: Classifier, examples_dir: Path | None = EXAMPLES, max_upload_m
             go.click(app.predict, image, outputs, api_name="predict")
             image.upload(app.predict, image, outputs, api_name=False)
             if examples_dir is not None and examples_dir.is_dir():
-                files = sorted(str(p) for p in examples_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+                kinds = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+                files = sorted(str(p) for p in examples_dir.iterdir() if p.suffix.lower() in kinds)
                 if files:
                     gr.Examples(
                         files,

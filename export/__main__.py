@@ -1,5 +1,8 @@
 """python -m export RUN_DIR --out model.onnx [--int8] [--no-attention]
-python -m export space RUN_DIR_or_model.onnx --out DIR"""
+python -m export web RUN_DIR_or_model.onnx --out DIR      (a static page: the model in the browser)
+python -m export serve DIR                                 (look at that page on 127.0.0.1)
+python -m export space RUN_DIR_or_model.onnx --out DIR    (a Gradio Space folder)
+python -m export web-runtime                               (fetch onnxruntime-web once, for offline use)"""
 
 from __future__ import annotations
 
@@ -14,12 +17,17 @@ def main(argv: list[str] | None = None) -> int:
         from export.space import main as space_main
 
         return space_main(argv[1:])
+    if argv and argv[0] in ("web", "serve", "web-runtime"):
+        from export import web
+
+        return {"web": web.main, "serve": web.serve_main, "web-runtime": web.runtime_main}[argv[0]](argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m export",
         allow_abbrev=False,
         description=(
             "Export a training run to one ONNX file with labels and preprocessing inside, verified against PyTorch. "
-            "`python -m export space SRC --out DIR` builds a Hugging Face Space folder instead."
+            "`python -m export web SRC --out DIR` builds a static web page that runs it in the browser, "
+            "`python -m export space SRC --out DIR` a Gradio Space folder."
         ),
     )
     p.add_argument("run_dir", type=Path, help="a run folder made by train.py")

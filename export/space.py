@@ -2,11 +2,16 @@
 
     python -m export space RUN_DIR --out my-space        # exports and verifies the model first
     python -m export space model.onnx --out my-space     # an ONNX file made by python -m export
+    python -m export space RUN_DIR --out my-space --examples 12   # and 12 validation images as examples
 
 The folder holds app.py, the torch-free runtime it imports (RUNTIME_FILES: a test checks
-that it is every project file app.py imports), the model, example images, a requirements.txt without torch and a
-README.md whose front matter Spaces reads and whose body is a model card built from the
-model's own metadata and, for a run, its validation report.
+that it is every project file app.py imports), the model, example images only when asked
+for, a requirements.txt without torch and a README.md whose front matter Spaces reads and
+whose body is a model card built from the model's own metadata and, for a run, its
+validation report. Every binary file is under Git LFS (.gitattributes).
+
+Creating a Gradio Space needs a paid Hugging Face plan; `python -m export web` builds the
+free route, a static page that runs the same file in the visitor's browser.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,16 +106,20 @@ def limits(meta: dict) -> str:
     )
 
 
-def model_card(meta: dict, report: dict | None, title: str) -> str:
+GRADIO_WHERE = (
+    "It runs on onnxruntime on a CPU; upload, photograph or paste an image to see the top classes and an "
+    "attention map of where the model looked."
+)
+
+
+def model_card(meta: dict, report: dict | None, title: str, where: str = GRADIO_WHERE) -> str:
     labels = json.loads(meta["labels"])
     cfg = json.loads(meta["model_config"])
     size = json.loads(meta["image_size"])
     lines = [
         f"# {title}",
         "",
-        f"A Vision Transformer image classifier for {len(labels)} classes: {', '.join(labels)}. "
-        "It runs on onnxruntime on a CPU; upload, photograph or paste an image to see the top classes and an "
-        "attention map of where the model looked.",
+        f"A Vision Transformer image classifier for {len(labels)} classes: {', '.join(labels)}. {where}",
         "",
         "## Model",
         "",
@@ -132,44 +142,150 @@ def model_card(meta: dict, report: dict | None, title: str) -> str:
     return "\n".join(lines)
 
 
-def stage_model(source: Path, staging: Path, examples: Path | None, data: Path | None) -> dict | None:
-    """The model (exported and verified, for a run) and example images into ``staging``;
-    returns the run's validation report, if any."""
-    from export.onnx_export import ExportError, export_run
+def model_metadata(path: Path) -> dict[str, str]:
+    import onnx
 
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def stage_model(
+    source: Path, dest: Path, data: Path | None = None, int8: bool | None = None, canvas: bool = False, log=print
+) -> dict | None:
+    """The model a published folder serves, written to ``dest``; returns the run's validation
+    report, if any.
+
+    ``source``: a run folder (exported and verified here) or an .onnx file made by export.
+    ``int8``: serve the int8 file; None carries one over when present (a run's earlier
+    ``export --int8``, or an .onnx file's ``.int8.onnx`` twin: either exists only if it passed
+    its accuracy gate). ``canvas``: offer a drawing pad; a run's earlier export carries it too.
+    """
+    from export.onnx_export import ExportError, export_run, int8_path, set_metadata
+
+    source = Path(source)
     if source.is_dir():
-        export_run(source, staging / "assets" / "model.onnx", data=data)
-        for i, (p, label) in enumerate(pick_examples(source, per_class=2, data=data)):
-            shutil.copy(p, staging / "assets" / "examples" / f"{label}_{i:02d}{p.suffix.lower()}")
+        earlier = source / "model.onnx"
+        if earlier.is_file():
+            canvas = canvas or model_metadata(earlier).get("canvas") == "true"
+            int8 = int8_path(earlier).is_file() if int8 is None else int8
+        export_run(source, dest, int8=bool(int8), extra_metadata={"canvas": "true"} if canvas else None, data=data)
+        if int8:
+            twin = int8_path(dest)
+            if not twin.is_file():
+                raise ExportError("the int8 file did not pass its accuracy gate: leave out --int8 to serve fp32")
+            twin.replace(dest)
+            log(f"serving the int8 file ({dest.stat().st_size / 2**20:.1f} MiB)")
         return json.loads((source / "report.json").read_text()) if (source / "report.json").is_file() else None
-    if source.suffix != ".onnx":
+    if source.suffix != ".onnx" or not source.is_file():
         raise ExportError(f"{source} is neither a run folder nor an .onnx file")
-    shutil.copy(source, staging / "assets" / "model.onnx")
-    ex = examples or (source.parent / "examples")
-    if ex.is_dir():
-        for p in sorted(ex.iterdir())[:12]:
-            if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-                shutil.copy(p, staging / "assets" / "examples" / p.name)
+    twin = int8_path(source)
+    quantized = model_metadata(source).get("quantization", "none") != "none"
+    if int8 and not quantized and not twin.is_file():
+        raise ExportError(f"there is no {twin.name} next to {source.name}: export the run with --int8 first")
+    use = twin if (int8 is not False and not quantized and twin.is_file()) else source
+    if use is twin:
+        log(f"serving {twin.name}, the int8 file next to {source.name} (--fp32 serves the fp32 one)")
+    shutil.copy(use, dest)
+    if canvas:
+        import onnx
+
+        proto = onnx.load(str(dest))
+        set_metadata(proto, {"canvas": "true"})
+        onnx.save(proto, str(dest))
     return None
 
 
-def build_space(
-    source: Path, out: Path, title: str | None = None, examples: Path | None = None, data: Path | None = None
-) -> Path:
-    """Write the Space folder ``out`` from a run folder or an exported .onnx file."""
-    from export.onnx_export import ExportError
-    from vit.runtime import Classifier
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
-    source, out = Path(source), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty: choose a new folder")
+
+def stage_examples(
+    source: Path, dest: Path, count: int, from_dir: Path | None = None, data: Path | None = None
+) -> list[dict]:
+    """``count`` example images into ``dest``, as [{"file", "label"}]: a run's validation images,
+    round-robin over classes, or the images of ``from_dir`` (default: examples/ next to an .onnx
+    file). None unless asked: a user's images are published only when they say so."""
+    if count <= 0:
+        return []
+    dest.mkdir(parents=True, exist_ok=True)
+    source, picked = Path(source), []
+    if source.is_dir():
+        from vit.run import RunDir
+
+        per_class = -(-count // max(1, len(RunDir(source).config()["labels"])))
+        for i, (p, label) in enumerate(pick_examples(source, per_class, limit=count, data=data)):
+            name = f"{label}_{i:02d}{p.suffix.lower()}"
+            shutil.copy(p, dest / name)
+            picked.append({"file": name, "label": label})
+        return picked
+    folder = from_dir or source.parent / "examples"
+    if not folder.is_dir():
+        from export.onnx_export import ExportError
+
+        raise ExportError(f"no example folder {folder}: pass --examples-from DIR, or --examples 0")
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and len(picked) < count:
+            shutil.copy(p, dest / p.name)
+            picked.append({"file": p.name, "label": None})
+    return picked
+
+
+# The Hub takes binary files only through Git LFS.
+LFS_PATTERNS = ("*.onnx", "*.wasm", "*.png", "*.jpg", "*.jpeg", "*.webp", "*.gif", "*.bmp")
+
+
+def write_lfs_rules(folder: Path) -> None:
+    (folder / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS))
+
+
+@contextmanager
+def staged(out: Path):
+    """A folder written whole or not at all: built in ``out``.partial, renamed at the end."""
+    from export.onnx_export import ExportError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder: choose a new folder")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "assets" / "examples").mkdir(parents=True)
+    staging.mkdir(parents=True)
     try:
-        report = stage_model(source, staging, examples, data)
+        yield staging
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def front_matter(title: str, labels: list[str], sdk_lines: list[str]) -> str:
+    short = f"ViT classifier: {', '.join(labels)}"
+    short = short if len(short) <= 60 else f"ViT image classifier, {len(labels)} classes"
+    tags = ["image-classification", "vision-transformer", "onnx"]
+    return "\n".join(
+        ["---", f"title: {title}", "emoji: 🔎", "colorFrom: indigo", "colorTo: blue", *sdk_lines]
+        + [f"short_description: {short}", "tags:", *(f"  - {t}" for t in tags), "license: apache-2.0"]
+        + ["pinned: false", "---", ""]
+    )
+
+
+def build_space(
+    source: Path,
+    out: Path,
+    title: str | None = None,
+    examples: int = 0,
+    examples_from: Path | None = None,
+    data: Path | None = None,
+    int8: bool | None = None,
+    canvas: bool = False,
+) -> Path:
+    """Write the Gradio Space folder ``out`` from a run folder or an exported .onnx file."""
+    from vit.runtime import Classifier
+
+    with staged(out) as staging:
+        (staging / "assets").mkdir()
+        report = stage_model(source, staging / "assets" / "model.onnx", data, int8, canvas)
+        stage_examples(source, staging / "assets" / "examples", examples, examples_from, data)
         clf = Classifier(staging / "assets" / "model.onnx")  # proves the file loads and has its metadata
-        meta = clf.metadata
         for rel in RUNTIME_FILES:
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / rel, staging / rel)
@@ -178,41 +294,32 @@ def build_space(
             f"gradio=={v['gradio']}\nonnxruntime>={v['onnxruntime']}\nnumpy>=1.26\npillow>=10.0\n"
         )
         title = title or "ViT image classifier"
-        labels = json.loads(meta["labels"])
-        short = f"ViT classifier: {', '.join(labels)}"
-        short = short if len(short) <= 60 else f"ViT image classifier, {len(labels)} classes"
-        front = "\n".join(
-            [
-                "---",
-                f"title: {title}",
-                "emoji: 🔎",
-                "colorFrom: indigo",
-                "colorTo: blue",
-                "sdk: gradio",
-                f"sdk_version: {v['gradio']}",
-                "app_file: app.py",
-                'python_version: "3.11"',
-                f"short_description: {short}",
-                "tags:",
-                "  - image-classification",
-                "  - vision-transformer",
-                "  - onnx",
-                "license: apache-2.0",
-                "pinned: false",
-                "---",
-                "",
-            ]
+        sdk = ["sdk: gradio", f"sdk_version: {v['gradio']}", "app_file: app.py", 'python_version: "3.11"']
+        (staging / "README.md").write_text(
+            front_matter(title, clf.labels, sdk) + model_card(clf.metadata, report, title, GRADIO_WHERE)
         )
-        (staging / "README.md").write_text(front + model_card(meta, report, title))
-        lfs = ("*.onnx", "*.png", "*.jpg", "*.jpeg", "*.webp", "*.gif", "*.bmp")  # the Hub takes binaries only via LFS
-        (staging / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in lfs))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+        write_lfs_rules(staging)
+    return Path(out)
+
+
+def add_publish_flags(p: argparse.ArgumentParser) -> None:
+    """The flags the Space and the web page share."""
+    p.add_argument("source", type=Path, help="a run folder (made by train.py) or an .onnx file (made by export)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to create")
+    p.add_argument("--title", default=None)
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="publish N example images (a run's validation images, round-robin over classes); default none",
+    )
+    p.add_argument("--examples-from", type=Path, default=None, help="for an .onnx source: the example images' folder")
+    p.add_argument("--data", type=Path, default=None, help="the run's image folder, if it has moved since training")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--int8", dest="int8", action="store_true", default=None, help="serve the int8 file")
+    q.add_argument("--fp32", dest="int8", action="store_false", help="serve fp32 even when an int8 file is present")
+    p.add_argument("--canvas", action="store_true", help="offer a drawing pad (a model of drawings)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,26 +329,26 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", type=Path, help="a run folder (made by train.py) or an .onnx file (made by export)")
-    p.add_argument("--out", type=Path, required=True, help="the Space folder to create")
-    p.add_argument("--title", default=None)
-    p.add_argument("--examples", type=Path, default=None, help="example images for an .onnx source")
-    p.add_argument("--data", type=Path, default=None, help="the run's image folder, if it has moved since training")
+    add_publish_flags(p)
     a = p.parse_args(argv)
     from export.onnx_export import ExportError
     from vit.run import RunError
     from vit.runtime import ModelFileError
 
     try:
-        out = build_space(a.source, a.out, a.title, a.examples, a.data)
+        out = build_space(a.source, a.out, a.title, a.examples, a.examples_from, a.data, a.int8, a.canvas)
     except (ExportError, RunError, ModelFileError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"Space folder ready: {out}\nPush it with git (git-lfs needed: the model and images go through LFS):\n"
+        f"Space folder ready: {out}\n"
+        "Creating a Gradio Space needs a paid Hugging Face plan; `python -m export web` makes a static page, "
+        "which is free to host.\n"
+        "Push it with huggingface_hub (installed with this project):\n"
+        f"  hf upload USER/NAME {out} . --repo-type space\n"
+        "or with git (git-lfs needed: the model and images go through LFS):\n"
         f"  cd {out} && git lfs install && git init && git add . && git commit -m 'Space' && "
-        "git remote add space https://huggingface.co/spaces/USER/NAME && git push space HEAD:main\n"
-        f"or with huggingface_hub: hf upload USER/NAME {out} . --repo-type space"
+        "git remote add space https://huggingface.co/spaces/USER/NAME && git push space HEAD:main"
     )
     return 0
 
