@@ -176,7 +176,7 @@ class Predictor:
         c = self.clf
         heat = ""
         if pred.attention is not None:
-            heat = attention_html(overlay(img, pred.attention, c.image_size, c.crop_pct, c.interpolation))
+            heat = attention_html(overlay(img, pred.attention, c.preprocessing))
         top_label, top_p = pred.top_k[0]
         return {label: p for label, p in pred.top_k}, heat, f"{verdict(pred, c)} {ms:.0f} ms."
 

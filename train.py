@@ -142,14 +142,11 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, w
     return TrainConfig.from_dict(values).validate()
 
 
-def model_preprocessing(cfg, model_cfg) -> dict:
-    return dict(
-        image_size=list(model_cfg.image_size),
-        mean=list(cfg.mean),
-        std=list(cfg.std),
-        interpolation=cfg.interpolation,
-        crop_pct=cfg.crop_pct,
-    )
+def model_preprocessing(cfg, model_cfg):
+    """The run's evaluation preprocessing: the model's input size, the settings' normalisation."""
+    from vit.imageio import Preprocessing
+
+    return Preprocessing(model_cfg.image_size, cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct)
 
 
 def planned_cache(args, saved: dict | None, prep: dict | None, device: str) -> dict:
@@ -159,10 +156,10 @@ def planned_cache(args, saved: dict | None, prep: dict | None, device: str) -> d
     from vit.recipe import input_size_for
 
     if saved is not None:
-        p = saved["preprocessing"]
-        return dict(
-            cache_side=cache_side_for(tuple(p["image_size"]), p["crop_pct"]), cache_interpolation=p["interpolation"]
-        )
+        from vit.imageio import Preprocessing
+
+        p = Preprocessing.from_dict(saved["preprocessing"])
+        return dict(cache_side=cache_side_for(p.image_size, p.crop_pct), cache_interpolation=p.interpolation)
     prep = prep or {}
     crop = args.crop_pct or prep.get("crop_pct") or 1.0
     size = args.image_size or prep.get("image_size") or input_size_for(10**6, device)[0]
@@ -172,7 +169,7 @@ def planned_cache(args, saved: dict | None, prep: dict | None, device: str) -> d
 
 
 def make_datasets(scan, split, cfg, model_cfg):
-    from vit.data import FolderDataset, eval_transform, train_transform
+    from vit.data import EvalTransform, FolderDataset, train_transform
 
     size = tuple(model_cfg.image_size)
     tt = train_transform(
@@ -185,7 +182,7 @@ def make_datasets(scan, split, cfg, model_cfg):
         cfg.hflip,
         cfg.erase,
     )
-    et = eval_transform(size, cfg.mean, cfg.std, cfg.crop_pct, cfg.interpolation)
+    et = EvalTransform(model_preprocessing(cfg, model_cfg))
     return (
         FolderDataset(scan, split.train, tt, cfg.seed),
         FolderDataset(scan, split.val, et, cfg.seed),
@@ -294,12 +291,12 @@ def train(args) -> int:
         trainer.weights_metadata = dict(  # a copied weights file still says what it is
             vit_config=json.dumps(model.config.to_dict()),
             labels=json.dumps(scan.classes),
-            preprocessing=json.dumps(model_preprocessing(cfg, model.config)),
+            preprocessing=json.dumps(model_preprocessing(cfg, model.config).to_dict()),
         )
         run_config = dict(
             model=model.config.to_dict(),
             labels=scan.classes,
-            preprocessing=model_preprocessing(cfg, model.config),
+            preprocessing=model_preprocessing(cfg, model.config).to_dict(),
             train=cfg.to_dict(),
             data=dict(
                 root=str(scan.root),

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.ood import auroc, digits, letters, photos, synthetic  # noqa: E402
 from export.ood import KEEP, conformal_threshold, fit_gaussian  # noqa: E402
-from vit.imageio import open_image, preprocess  # noqa: E402
+from vit.imageio import Preprocessing, open_image  # noqa: E402
 from vit.run import RunDir  # noqa: E402
 from vit.runtime import softmax  # noqa: E402
 
@@ -42,10 +42,10 @@ from vit.runtime import softmax  # noqa: E402
 @torch.no_grad()
 def features(model, prep: dict, images: list) -> dict[str, np.ndarray]:
     """Per image: every block's pooled tokens (N, L, D), the head's input, and the logits."""
-    args = (tuple(prep["image_size"]), prep["mean"], prep["std"], prep["crop_pct"], prep["interpolation"])
+    prep = Preprocessing.from_dict(prep)
     taps, heads, logits = [], [], []
     for i in range(0, len(images), 128):
-        x = torch.from_numpy(np.stack([preprocess(im.convert("RGB"), *args) for im in images[i : i + 128]]))
+        x = torch.from_numpy(np.stack([prep(im.convert("RGB")) for im in images[i : i + 128]]))
         t = []
         y, _ = model.forward_pooled(x, taps=t)
         f = model.fc_norm(y)

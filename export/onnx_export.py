@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit import files
+from vit.imageio import Preprocessing
 from vit.model import ViT
 from vit.report import expected_calibration_error
 from vit.run import RunDir
@@ -131,16 +132,11 @@ def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
 
 def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
     """Everything a reader of the file needs, as strings (JSON where structured)."""
-    p = run["preprocessing"]
     result = run.get("result", {})
     source = run["train"].get("pretrained")
     return {
         "labels": json.dumps(run["labels"]),
-        "image_size": json.dumps(p["image_size"]),
-        "mean": json.dumps(p["mean"]),
-        "std": json.dumps(p["std"]),
-        "interpolation": p["interpolation"],
-        "crop_pct": str(p["crop_pct"]),
+        **Preprocessing.from_dict(run["preprocessing"]).metadata(),
         "model_config": json.dumps(run["model"]),
         "initialization": f"fine-tuned from {Path(source).name if Path(source).exists() else source}"
         if source
@@ -263,23 +259,22 @@ class InputReader:
         from vit.imageio import DEFAULT_MAX_PIXELS
 
         cfg = run.config()
-        self.prep, self.root = cfg["preprocessing"], run.data_root(data)
+        self.prep, self.root = run.preprocessing(), run.data_root(data)
         self.max_pixels = cfg.get("data", {}).get("max_pixels") or DEFAULT_MAX_PIXELS
 
     def __call__(self, items: list) -> tuple[np.ndarray, np.ndarray, int]:
         """(images, labels, files that could not be read)."""
-        from vit.imageio import BadImage, open_image, preprocess
+        from vit.imageio import BadImage, open_image
 
-        p = self.prep
         xs, ys = [], []
         for rel, y in items:
             try:
                 img = open_image(self.root / rel, self.max_pixels)
             except (BadImage, OSError):
                 continue
-            xs.append(preprocess(img, tuple(p["image_size"]), p["mean"], p["std"], p["crop_pct"], p["interpolation"]))
+            xs.append(self.prep(img))
             ys.append(y)
-        empty = np.zeros((0, 3, *p["image_size"]), np.float32)
+        empty = np.zeros((0, 3, *self.prep.image_size), np.float32)
         return (np.stack(xs) if xs else empty), np.array(ys, dtype=np.int64), len(items) - len(ys)
 
 
@@ -384,6 +379,7 @@ def export_run(
     a new one passes its gate: it would describe other weights.
     """
     model, run, weights = load_run(run_dir)
+    prep = Preprocessing.from_dict(run["preprocessing"])
     x, y = split_inputs(run_dir, "val", CALIBRATION_IMAGES, data)
     scorer = fit_ood(model, run_dir, data, log) if ood else None
     proto = to_onnx(model, attention, scorer)
@@ -398,7 +394,7 @@ def export_run(
         unread = f" ({tested['skipped']} could not be read)" if tested["skipped"] else ""
         log(f"held-out test accuracy {tested['accuracy']:.2%} on {tested['images']} images{unread} (this file)")
     if scorer is not None:
-        meta.update(ood_metadata(session, x, tested, run["preprocessing"], log, scorer))
+        meta.update(ood_metadata(session, x, tested, prep, log, scorer))
     set_metadata(proto, {**meta, **(extra_metadata or {})})
     out, twin = Path(out), int8_path(Path(out))
     if twin.exists():  # made from other weights: it must not outlive them, whatever happens next
@@ -412,7 +408,7 @@ def export_run(
     )
     result = dict(fp32=dict(path=str(out), calibration_images=len(y), temperature=float(meta["temperature"]), **check))
     if int8:
-        result["int8"] = export_int8(out, x, y, log, test, run["preprocessing"])
+        result["int8"] = export_int8(out, x, y, log, test, prep)
     return result
 
 
@@ -464,10 +460,11 @@ def fit_ood(model: ViT, run_dir: Path, data: Path | None, log=print):
     return scorer
 
 
-def ood_metadata(session, x_val: np.ndarray, tested: dict | None, prep: dict, log=print, scorer=None) -> dict[str, str]:
+def ood_metadata(
+    session, x_val: np.ndarray, tested: dict | None, prep: Preprocessing, log=print, scorer=None
+) -> dict[str, str]:
     """The score's threshold (conformal, on validation images) and the rates measured at export."""
     from export.ood import KEEP, conformal_threshold, probe_images
-    from vit.imageio import preprocess
 
     def scores(x):
         return np.concatenate(
@@ -479,9 +476,8 @@ def ood_metadata(session, x_val: np.ndarray, tested: dict | None, prep: dict, lo
     rates = {"validation": float(np.mean(val <= threshold))}
     if tested is not None and tested["ood_scores"] is not None:
         rates["held-out test"] = float(np.mean(tested["ood_scores"] <= threshold))
-    size, args = tuple(prep["image_size"]), (prep["mean"], prep["std"], prep["crop_pct"], prep["interpolation"])
     for name, images in probe_images().items():
-        rates[name] = float(np.mean(scores(np.stack([preprocess(im, size, *args) for im in images])) <= threshold))
+        rates[name] = float(np.mean(scores(np.stack([prep(im) for im in images])) <= threshold))
     log("answered as known: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
     return {
         "ood_threshold": f"{threshold:.6g}",
@@ -498,7 +494,12 @@ def int8_path(fp32_path: Path) -> Path:
 
 
 def export_int8(
-    fp32_path: Path, x: np.ndarray, y: np.ndarray, log=print, test: HeldOut | None = None, prep: dict | None = None
+    fp32_path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    log=print,
+    test: HeldOut | None = None,
+    prep: Preprocessing | None = None,
 ) -> dict:
     """Quantise ``fp32_path``; keep the result only if it passes the accuracy gate (on the
     validation images ``x``, ``y``). ``test``: the held-out split, whose accuracy goes in the file.

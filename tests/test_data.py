@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from vit.data import DataError, EvalTransform, cache_side_for, scan_folder, split_train_val
-from vit.imageio import BadImage, open_image, preprocess
+from vit.imageio import BadImage, Preprocessing, open_image, preprocess
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -239,9 +239,9 @@ def test_cache_keeps_the_resolution_the_model_needs(tmp_path):
     scan = scan_folder(root, cache=True, cache_side=side)
     cached = scan.images["a/0.png"]
     assert min(cached.size) == side == 438
-    args = ((384, 384), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875, "bicubic")
-    from_cache = EvalTransform(*args)(cached).numpy()
-    from_disk = preprocess(open_image(root / "a" / "0.png"), *args)
+    prep = Preprocessing((384, 384), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
+    from_cache = EvalTransform(prep)(cached).numpy()
+    from_disk = preprocess(open_image(root / "a" / "0.png"), prep.image_size, prep.mean, prep.std, 0.875, "bicubic")
     assert np.abs(from_cache - from_disk).max() <= 1e-6
     small = scan_folder(root, cache=True, cache_side=1000)  # never upsampled
     assert small.images["a/0.png"].size == (500, 600)
@@ -251,11 +251,34 @@ def test_everything_handed_to_loader_workers_pickles(shapes_dir):
     """Item 1: spawn and forkserver pickle the dataset and its transforms."""
     import pickle
 
-    from vit.data import FolderDataset, eval_transform, train_transform
+    from vit.data import FolderDataset, train_transform
 
     scan = scan_folder(shapes_dir)
-    et = eval_transform((16, 16), [0.5] * 3, [0.5] * 3, 1.0, "bicubic")
+    et = EvalTransform(Preprocessing((16, 16), [0.5] * 3, [0.5] * 3, "bicubic", 1.0))
     tt = train_transform((16, 16), [0.5] * 3, [0.5] * 3, "bicubic", "trivial", 0.5, 0.5, 0.25)
     for ds in (FolderDataset(scan, scan.train, et), FolderDataset(scan, scan.train, tt)):
         back = pickle.loads(pickle.dumps(ds))
         assert back[0][0].shape == ds[0][0].shape == (3, 16, 16)
+
+
+def test_a_long_thin_image_is_not_resized_to_gigabytes():
+    """A 2 x 200,000 px image on a 224 px model would be resized to 256 x 25.6 million (26 GB)
+    before the crop; only the region the crop keeps is resized. Run where 1 GiB of address
+    space is all there is: the full resize could not even start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, numpy as np; from PIL import Image; from vit.imageio import resize_for_eval\n"
+        "img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200_000, 2, 3), dtype=np.uint8))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+        "print(resize_for_eval(img, (224, 224), 0.875, 'bicubic').size)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "(224, 224)" in res.stdout, res.stderr[-500:]
+    # An ordinary image takes the ordinary path: the full resize, then the crop.
+    from vit.imageio import resize_for_eval
+
+    small = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    want = small.resize((256, 384), Image.Resampling.BICUBIC).crop((16, 80, 240, 304))
+    assert np.array_equal(np.asarray(resize_for_eval(small, (224, 224), 0.875, "bicubic")), np.asarray(want))

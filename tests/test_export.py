@@ -409,3 +409,36 @@ def test_ood_fit_recovers_a_known_gaussian_and_keeps_its_share():
     from export.ood import blocks_for
 
     assert [blocks_for(n, 6, 128) for n in (10_000, 7_560, 1_200)] == [6, 5, 1]  # as many as the images support
+
+
+def test_preprocessing_is_one_typed_record_from_run_to_file(run_dir, exported):
+    """The run's config, the ONNX metadata and the runtime hold the same Preprocessing; bad values
+    are refused with what is wrong."""
+    from vit.imageio import Preprocessing
+    from vit.run import RunDir
+    from vit.runtime import Classifier
+
+    prep = RunDir(run_dir).preprocessing()
+    assert Classifier(exported[0], warmup=False).preprocessing == prep
+    assert Preprocessing.from_dict(prep.to_dict()) == prep == Preprocessing.from_metadata(prep.metadata())
+    with pytest.raises(ValueError, match="interpolation 'cubic'"):
+        Preprocessing(32, [0.5] * 3, [0.5] * 3, "cubic")
+    with pytest.raises(ValueError, match="crop_pct"):
+        Preprocessing(32, [0.5] * 3, [0.5] * 3, "bicubic", 1.5)
+    with pytest.raises(ValueError, match="std"):
+        Preprocessing(32, [0.5] * 3, [0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match="lacks"):
+        Preprocessing.from_dict({"image_size": [32, 32]})
+
+
+def test_a_file_with_unusable_preprocessing_is_refused_with_a_reason(exported, tmp_path):
+    import onnx
+
+    from export.onnx_export import set_metadata
+    from vit.runtime import Classifier, ModelFileError
+
+    proto = onnx.load(str(exported[0]))
+    set_metadata(proto, {"interpolation": "cubic"})
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ModelFileError, match="interpolation 'cubic'"):
+        Classifier(tmp_path / "bad.onnx")

@@ -38,10 +38,10 @@ from vit.imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     BadImage,
+    Preprocessing,
     decode_image,
     extension_note,
     open_image,
-    preprocess,
 )
 
 HIDDEN = {"__MACOSX", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini", ".DS_Store"}
@@ -503,19 +503,11 @@ def train_transform(
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """The evaluation transform of ``vit.imageio.preprocess``, as a tensor. A plain class, not a
-    closure, so DataLoader workers started by spawn or forkserver (macOS, Windows, Python 3.14
+    """The evaluation transform (``vit.imageio.Preprocessing``), as a tensor. A plain class, not
+    a closure, so DataLoader workers started by spawn or forkserver (macOS, Windows, Python 3.14
     on Linux) can receive it."""
 
-    size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float
-    interpolation: str
+    prep: Preprocessing
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(preprocess(img, self.size, self.mean, self.std, self.crop_pct, self.interpolation))
-
-
-def eval_transform(size: tuple[int, int], mean, std, crop_pct: float, interpolation: str) -> EvalTransform:
-    return EvalTransform(tuple(size), tuple(mean), tuple(std), crop_pct, interpolation)
+        return torch.from_numpy(self.prep(img))

@@ -33,7 +33,7 @@ def evaluate(
         run = RunDir(source)
         if not run.is_trained():
             raise DataError(f"{source} holds no trained model (config.json and model.safetensors)")
-        labels, prep = run.config()["labels"], run.config()["preprocessing"]
+        labels, prep = run.config()["labels"], run.preprocessing()
     scan = scan_folder(
         data,
         strict=strict,
@@ -90,14 +90,12 @@ def seen_in_training(run, root: Path, items: list) -> int:
     return sum(rel in used for rel, _ in items)
 
 
-def torch_probs(model, scan, items, prep: dict) -> np.ndarray:
+def torch_probs(model, scan, items, prep) -> np.ndarray:
     import torch
     from torch.utils.data import DataLoader
 
-    from vit.data import FolderDataset, eval_transform
+    from vit.data import EvalTransform, FolderDataset
 
-    size = tuple(prep["image_size"])
-    transform = eval_transform(size, prep["mean"], prep["std"], prep["crop_pct"], prep["interpolation"])
-    ds = FolderDataset(scan, items, transform)
+    ds = FolderDataset(scan, items, EvalTransform(prep))
     with torch.inference_mode():
         return torch.cat([model(x).softmax(-1) for x, _ in DataLoader(ds, batch_size=64)]).numpy()

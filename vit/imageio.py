@@ -6,10 +6,12 @@ an image is decoded and preprocessed identically wherever it is classified.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ IMAGE_EXTENSIONS = {
 }  # fmt: skip
 FORMAT_ALIASES = {"JPEG": {"JPEG", "MPO"}}  # camera JPEGs with a preview image decode as MPO
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold: 0.25 GiB of 24-bit pixels
+LARGE_RESIZE = 2**22  # pixels: an evaluation resize larger than this (and 16 inputs) resizes only the crop
 INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                  "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # fmt: skip
 
@@ -142,9 +145,15 @@ def resize_for_eval(img: Image.Image, size: tuple[int, int], crop_pct: float, in
             new_w, new_h = int(short * w / h), short
     else:
         new_w, new_h = math.floor(W / crop_pct), math.floor(H / crop_pct)
+    top, left = int(round((new_h - H) / 2.0)), int(round((new_w - W) / 2.0))
+    if new_w * new_h > max(16 * H * W, LARGE_RESIZE):
+        # A very long, thin image (1 x 5000 px, say) would be resized to gigabytes before the crop:
+        # only the region the crop keeps is resized (Pillow's box, in its float32 coordinates).
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + W) * sx, (top + H) * sy)
+        return img.resize((W, H), INTERPOLATION[interpolation], box=box)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), INTERPOLATION[interpolation])
-    top, left = int(round((new_h - H) / 2.0)), int(round((new_w - W) / 2.0))
     return img.crop((left, top, left + W, top + H))
 
 
@@ -161,3 +170,69 @@ def preprocess(
     x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # -> (3, H, W)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: the one record that training's evaluation,
+    export, the runtime and the web page share. A run keeps it as JSON in config.json and in
+    its weights' metadata; an ONNX file keeps it as strings in its metadata."""
+
+    image_size: tuple[int, int]  # (H, W) the model takes
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0  # resize to image_size / crop_pct, then take the centre image_size
+
+    def __post_init__(self):
+        size = self.image_size
+        size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+        fix = object.__setattr__
+        fix(self, "image_size", size)
+        fix(self, "mean", tuple(float(v) for v in self.mean))
+        fix(self, "std", tuple(float(v) for v in self.std))
+        fix(self, "crop_pct", float(self.crop_pct))
+        problems = []
+        if len(size) != 2 or min(size) < 1:
+            problems.append(f"image_size {list(size)} is not two positive sides")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std, default=0) <= 0:
+            problems.append(f"mean {list(self.mean)} and std {list(self.std)} need 3 values each, std above 0")
+        if self.interpolation not in INTERPOLATION:
+            problems.append(f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATION)}")
+        if not 0 < self.crop_pct <= 1:
+            problems.append(f"crop_pct {self.crop_pct} is not in (0, 1]")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    FIELDS = ("image_size", "mean", "std", "interpolation", "crop_pct")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """From a run's config (or weights' metadata): extra keys are ignored, missing ones are errors."""
+        missing = [k for k in cls.FIELDS if k not in d]
+        if missing:
+            raise ValueError(f"preprocessing lacks {missing}")
+        return cls(**{k: d[k] for k in cls.FIELDS})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> Preprocessing:
+        """From an ONNX file's metadata (strings; JSON where structured)."""
+        given = [k for k in cls.FIELDS if k in meta]
+        return cls.from_dict({k: meta[k] if k == "interpolation" else json.loads(meta[k]) for k in given})
+
+    def metadata(self) -> dict[str, str]:
+        """As an ONNX file's metadata stores it."""
+        d = self.to_dict()
+        return {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, list) else str(v) for k, v in d.items()}
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        """The region of ``img`` the model sees, at its input size."""
+        return resize_for_eval(to_rgb(img), self.image_size, self.crop_pct, self.interpolation)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB image -> float32 (3, H, W), normalised: the model's input."""
+        return preprocess(img, self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)

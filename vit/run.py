@@ -81,6 +81,12 @@ class RunDir:
     def config(self) -> dict:
         return json.loads((self / self.CONFIG).read_text(encoding="utf-8"))
 
+    def preprocessing(self):
+        """The run's evaluation preprocessing (``vit.imageio.Preprocessing``)."""
+        from vit.imageio import Preprocessing
+
+        return Preprocessing.from_dict(self.config()["preprocessing"])
+
     def write_config(self, config: dict) -> None:
         files.write_json(self / self.CONFIG, config)
 

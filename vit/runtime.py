@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from vit.cpus import usable_cpus
-from vit.imageio import DEFAULT_MAX_PIXELS, open_image, preprocess
+from vit.imageio import DEFAULT_MAX_PIXELS, Preprocessing, open_image
 
 REQUIRED_METADATA = ("labels", "image_size", "mean", "std", "interpolation", "crop_pct")
 
@@ -95,10 +95,14 @@ class Classifier:
             raise ModelFileError(f"{path} lacks metadata {missing}: export it with `python -m export RUN_DIR`")
         self.path = path
         self.metadata = dict(meta)
-        self.labels: list[str] = json.loads(meta["labels"])
-        self.image_size = tuple(json.loads(meta["image_size"]))
-        self.mean, self.std = json.loads(meta["mean"]), json.loads(meta["std"])
-        self.interpolation, self.crop_pct = meta["interpolation"], float(meta["crop_pct"])
+        try:
+            self.labels: list[str] = json.loads(meta["labels"])
+            self.preprocessing = Preprocessing.from_metadata(meta)
+        except ValueError as e:  # json's errors are ValueErrors too
+            raise ModelFileError(f"{path} has unusable preprocessing metadata ({e}): export it again") from None
+        p = self.preprocessing
+        self.image_size, self.mean, self.std = p.image_size, list(p.mean), list(p.std)
+        self.interpolation, self.crop_pct = p.interpolation, p.crop_pct
         self.threshold = float(meta.get("threshold", 0.0))
         self.ood_threshold = float(meta["ood_threshold"]) if "ood_threshold" in meta else None
         self.temperature = float(meta.get("temperature", 1.0))  # calibration fitted at export
@@ -128,8 +132,7 @@ class Classifier:
 
     def preprocess(self, image) -> np.ndarray:
         """PIL image, path or file -> (3, H, W) float32, as training evaluated it."""
-        img = open_image(image, DEFAULT_MAX_PIXELS)  # PIL images too: EXIF, mode
-        return preprocess(img, self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+        return self.preprocessing(open_image(image, DEFAULT_MAX_PIXELS))  # PIL images too: EXIF, mode
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(B, 3, H, W) -> the file's outputs: logits (B, K), and attention (B, Gh, Gw) and
@@ -160,18 +163,9 @@ class Classifier:
         return self.predict_many([image], top_k)[0]
 
 
-def overlay(
-    image: Image.Image,
-    attention: np.ndarray,
-    image_size: tuple[int, int],
-    crop_pct: float,
-    interpolation: str,
-    alpha: float = 0.55,
-) -> Image.Image:
+def overlay(image: Image.Image, attention: np.ndarray, prep: Preprocessing, alpha: float = 0.55) -> Image.Image:
     """The attention map as a heat overlay on the region of the image the model saw."""
-    from vit.imageio import resize_for_eval
-
-    seen = resize_for_eval(open_image(image), tuple(image_size), crop_pct, interpolation)
+    seen = prep.resize(open_image(image))
     a = np.clip(attention / max(float(attention.max()), 1e-8), 0, 1)
     heat = Image.fromarray((a * 255).astype(np.uint8)).resize(seen.size, Image.Resampling.BICUBIC)
     h = np.asarray(heat, dtype=np.float32) / 255.0
