@@ -34,9 +34,9 @@ web-runtime: install
 
 # The static page for the bundled model, served on http://127.0.0.1:8000 (an option, not a set-up step).
 web: install
-	rm -rf runs/web
-	$(BIN)/python -m export web assets/model.onnx --out runs/web --examples 12 --examples-from assets/examples --title "ViT shapes classifier"
-	$(BIN)/python -m export serve runs/web --host $(HOST) --port $(WEB_PORT)
+	rm -rf build/web
+	$(BIN)/python -m export web assets/model.onnx --out build/web --examples 12 --examples-from assets/examples --title "ViT shapes classifier"
+	$(BIN)/python -m export serve build/web --host $(HOST) --port $(WEB_PORT)
 
 # The app on the bundled model: checks the model file, then serves http://127.0.0.1:7860
 demo: install

@@ -23,6 +23,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from vit.imageio import Preprocessing
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_FILES = ("app.py", "vit/__init__.py", "vit/cpus.py", "vit/imageio.py", "vit/runtime.py")
 
@@ -115,7 +117,7 @@ GRADIO_WHERE = (
 def model_card(meta: dict, report: dict | None, title: str, where: str = GRADIO_WHERE) -> str:
     labels = json.loads(meta["labels"])
     cfg = json.loads(meta["model_config"])
-    size = json.loads(meta["image_size"])
+    p = Preprocessing.from_metadata(meta)
     lines = [
         f"# {title}",
         "",
@@ -124,9 +126,9 @@ def model_card(meta: dict, report: dict | None, title: str, where: str = GRADIO_
         "## Model",
         "",
         f"- Architecture: ViT ({cfg['depth']} blocks, width {cfg['dim']}, {cfg['heads']} heads, patch "
-        f"{cfg['patch_size']}), input {size[0]}x{size[1]} px, pooling by {cfg['pool']}.",
-        f"- Preprocessing (inside the ONNX file's metadata): resize ({meta['interpolation']}), centre crop "
-        f"{float(meta['crop_pct']):.3f}, mean {meta['mean']}, std {meta['std']}.",
+        f"{cfg['patch_size']}), input {p.image_size[0]}x{p.image_size[1]} px, pooling by {cfg['pool']}.",
+        f"- Preprocessing (inside the ONNX file's metadata): resize ({p.interpolation}), centre crop "
+        f"{p.crop_pct:.3f}, mean {list(p.mean)}, std {list(p.std)}.",
         f"- Weights: {meta.get('initialization', 'not recorded')}"
         + (f" on {meta['train_images']} images" if meta.get("train_images") else "")
         + f"; {'fp32' if meta.get('quantization', 'none') == 'none' else meta['quantization']}; "
@@ -163,22 +165,27 @@ def stage_model(
 
     source = Path(source)
     if source.is_dir():
-        earlier = source / "model.onnx"
+        earlier, carried = source / "model.onnx", False
         if earlier.is_file():
             canvas = canvas or model_metadata(earlier).get("canvas") == "true"
-            int8 = int8_path(earlier).is_file() if int8 is None else int8
-        export_run(source, dest, int8=bool(int8), extra_metadata={"canvas": "true"} if canvas else None, data=data)
-        if int8:
-            twin = int8_path(dest)
-            if not twin.is_file():
-                raise ExportError("the int8 file did not pass its accuracy gate: leave out --int8 to serve fp32")
+            carried = int8 is None and int8_path(earlier).is_file()
+        want = bool(int8) or carried
+        export_run(source, dest, int8=want, extra_metadata={"canvas": "true"} if canvas else None, data=data)
+        twin = int8_path(dest)
+        if want and twin.is_file():
             twin.replace(dest)
-            log(f"serving the int8 file ({dest.stat().st_size / 2**20:.1f} MiB)")
+            log(f"serving the int8 file ({dest.stat().st_size / 2**20:.1f} MiB); --fp32 serves fp32")
+        elif want and int8:
+            raise ExportError("the int8 file did not pass its accuracy gate: leave out --int8 to serve fp32")
+        elif want:
+            log("the run's earlier int8 file did not pass its gate again: serving fp32")
         return json.loads((source / "report.json").read_text()) if (source / "report.json").is_file() else None
     if source.suffix != ".onnx" or not source.is_file():
         raise ExportError(f"{source} is neither a run folder nor an .onnx file")
     twin = int8_path(source)
     quantized = model_metadata(source).get("quantization", "none") != "none"
+    if int8 is False and quantized:
+        raise ExportError(f"{source.name} is an int8 file: give the fp32 file beside it for --fp32")
     if int8 and not quantized and not twin.is_file():
         raise ExportError(f"there is no {twin.name} next to {source.name}: export the run with --int8 first")
     use = twin if (int8 is not False and not quantized and twin.is_file()) else source
@@ -200,14 +207,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 def stage_examples(
     source: Path, dest: Path, count: int, from_dir: Path | None = None, data: Path | None = None
 ) -> list[dict]:
-    """``count`` example images into ``dest``, as [{"file", "label"}]: a run's validation images,
-    round-robin over classes, or the images of ``from_dir`` (default: examples/ next to an .onnx
-    file). None unless asked: a user's images are published only when they say so."""
+    """``count`` example images into ``dest``, as [{"file", "label"}]: the images of ``from_dir``
+    when given, else a run's validation images, round-robin over classes (or examples/ next to
+    an .onnx file). None unless asked: a user's images are published only when they say so."""
     if count <= 0:
         return []
     dest.mkdir(parents=True, exist_ok=True)
     source, picked = Path(source), []
-    if source.is_dir():
+    if source.is_dir() and from_dir is None:
         from vit.run import RunDir
 
         per_class = -(-count // max(1, len(RunDir(source).config()["labels"])))
@@ -223,8 +230,9 @@ def stage_examples(
         raise ExportError(f"no example folder {folder}: pass --examples-from DIR, or --examples 0")
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() in IMAGE_SUFFIXES and len(picked) < count:
-            shutil.copy(p, dest / p.name)
-            picked.append({"file": p.name, "label": None})
+            name = p.stem + p.suffix.lower()  # the LFS rules match lower-case suffixes
+            shutil.copy(p, dest / name)
+            picked.append({"file": name, "label": None})
     return picked
 
 
@@ -233,20 +241,23 @@ LFS_PATTERNS = ("*.onnx", "*.wasm", "*.png", "*.jpg", "*.jpeg", "*.webp", "*.gif
 
 
 def write_lfs_rules(folder: Path) -> None:
-    (folder / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS))
+    rules = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS)
+    (folder / ".gitattributes").write_text(rules, encoding="utf-8")
 
 
 @contextmanager
 def staged(out: Path):
-    """A folder written whole or not at all: built in ``out``.partial, renamed at the end."""
+    """A folder written whole or not at all: built in a new hidden folder beside ``out``, renamed
+    at the end, removed on any failure."""
+    import tempfile
+
     from export.onnx_export import ExportError
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty folder: choose a new folder")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield staging
         if out.exists():
@@ -258,11 +269,12 @@ def staged(out: Path):
 
 
 def front_matter(title: str, labels: list[str], sdk_lines: list[str]) -> str:
+    """The Space's YAML header. Free text is written as JSON strings (valid YAML, whatever it holds)."""
     short = f"ViT classifier: {', '.join(labels)}"
-    short = short if len(short) <= 60 else f"ViT image classifier, {len(labels)} classes"
+    short = json.dumps(short if len(short) <= 60 else f"ViT image classifier, {len(labels)} classes")
     tags = ["image-classification", "vision-transformer", "onnx"]
     return "\n".join(
-        ["---", f"title: {title}", "emoji: 🔎", "colorFrom: indigo", "colorTo: blue", *sdk_lines]
+        ["---", f"title: {json.dumps(title)}", "emoji: 🔎", "colorFrom: indigo", "colorTo: blue", *sdk_lines]
         + [f"short_description: {short}", "tags:", *(f"  - {t}" for t in tags), "license: apache-2.0"]
         + ["pinned: false", "---", ""]
     )
@@ -291,15 +303,24 @@ def build_space(
             shutil.copy(ROOT / rel, staging / rel)
         v = versions()
         (staging / "requirements.txt").write_text(
-            f"gradio=={v['gradio']}\nonnxruntime>={v['onnxruntime']}\nnumpy>=1.26\npillow>=10.0\n"
+            f"gradio=={v['gradio']}\nonnxruntime>={v['onnxruntime']}\nnumpy>=1.26\npillow>=10.0\n", encoding="utf-8"
         )
         title = title or "ViT image classifier"
         sdk = ["sdk: gradio", f"sdk_version: {v['gradio']}", "app_file: app.py", 'python_version: "3.11"']
         (staging / "README.md").write_text(
-            front_matter(title, clf.labels, sdk) + model_card(clf.metadata, report, title, GRADIO_WHERE)
+            front_matter(title, clf.labels, sdk) + model_card(clf.metadata, report, title, GRADIO_WHERE),
+            encoding="utf-8",
         )
         write_lfs_rules(staging)
     return Path(out)
+
+
+def quoted(path) -> str:
+    """A path as a printed shell command needs it (cmd.exe's quoting on Windows)."""
+    import shlex
+    import subprocess
+
+    return subprocess.list2cmdline([str(path)]) if sys.platform == "win32" else shlex.quote(str(path))
 
 
 def add_publish_flags(p: argparse.ArgumentParser) -> None:
@@ -314,7 +335,12 @@ def add_publish_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="publish N example images (a run's validation images, round-robin over classes); default none",
     )
-    p.add_argument("--examples-from", type=Path, default=None, help="for an .onnx source: the example images' folder")
+    p.add_argument(
+        "--examples-from",
+        type=Path,
+        default=None,
+        help="take the examples from this folder (default: a run's validation images, or examples/ beside an .onnx)",
+    )
     p.add_argument("--data", type=Path, default=None, help="the run's image folder, if it has moved since training")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--int8", dest="int8", action="store_true", default=None, help="serve the int8 file")
@@ -340,14 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, RunError, ModelFileError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    q = quoted(out)
     print(
         f"Space folder ready: {out}\n"
         "Creating a Gradio Space needs a paid Hugging Face plan; `python -m export web` makes a static page, "
         "which is free to host.\n"
         "Push it with huggingface_hub (installed with this project):\n"
-        f"  hf upload USER/NAME {out} . --repo-type space\n"
+        "  hf repos create USER/NAME --type space --sdk gradio\n"
+        f"  hf upload USER/NAME {q} . --repo-type space\n"
         "or with git (git-lfs needed: the model and images go through LFS):\n"
-        f"  cd {out} && git lfs install && git init && git add . && git commit -m 'Space' && "
+        f"  cd {q} && git lfs install && git init && git add . && git commit -m 'Space' && "
         "git remote add space https://huggingface.co/spaces/USER/NAME && git push space HEAD:main"
     )
     return 0

@@ -41,7 +41,7 @@ ORT_WEB_URL = f"https://registry.npmjs.org/onnxruntime-web/-/onnxruntime-web-{OR
 # size gains nothing from a GPU that would pay for that download.
 ORT_WEB_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 PAGE = Path(__file__).with_name("webpage")
-PAGE_FILES = ("index.html", "app.js", "vit.js", "style.css")
+PAGE_FILES = ("index.html", "boot.js", "app.js", "vit.js", "style.css")
 ORT_LICENSE = """MIT License
 
 Copyright (c) Microsoft Corporation
@@ -156,7 +156,8 @@ def readme(meta: dict, report: dict | None, title: str, labels: list[str]) -> st
             "## Serving this folder",
             "",
             "It is a static site: any host that serves files will do (a static Hugging Face Space, free for "
-            "every account; GitHub Pages; any web server). Locally, `python -m export serve .` in a checkout of "
+            "every account; GitHub Pages, after deleting `.gitattributes`, since Pages serves Git LFS files as "
+            "pointers; any web server). Locally, `python -m export serve .` in a checkout of "
             "the project, or `python -m http.server` here, then open http://127.0.0.1:8000. Opened as a file "
             "(file://) it cannot load: browsers refuse modules and WebAssembly from files.",
             "",
@@ -199,10 +200,11 @@ def build_web(
         (staging / "ort").mkdir()
         for name, blob in files.items():
             (staging / "ort" / name).write_bytes(blob)
-        (staging / "ort" / "LICENSE").write_text(ORT_LICENSE)
+        (staging / "ort" / "LICENSE").write_text(ORT_LICENSE, encoding="utf-8")
         title = title or "ViT image classifier"
-        (staging / "page.json").write_text(json.dumps({"title": title, "examples": picked}, indent=1) + "\n")
-        (staging / "README.md").write_text(readme(clf.metadata, report, title, clf.labels))
+        page = json.dumps({"title": title, "examples": picked}, indent=1, ensure_ascii=False) + "\n"
+        (staging / "page.json").write_text(page, encoding="utf-8")
+        (staging / "README.md").write_text(readme(clf.metadata, report, title, clf.labels), encoding="utf-8")
         write_lfs_rules(staging)
     return Path(out)
 
@@ -261,7 +263,7 @@ def page_server(folder: Path, host: str = "127.0.0.1", port: int = 8000, isolate
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.space import add_publish_flags
+    from export.space import add_publish_flags, quoted
     from vit.run import RunError
     from vit.runtime import ModelFileError
 
@@ -279,12 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, RunError, ModelFileError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    q = quoted(out)
     print(
-        f"Web page ready: {out} ({page_weight(out) / 2**20:.1f} MB for a visitor to load)\n"
-        f"Look at it here: python -m export serve {out}\n"
+        f"Web page ready: {out} ({page_weight(out) / 2**20:.1f} MiB for a visitor to load)\n"
+        f"Look at it here: python -m export serve {q}\n"
         "Publish it as a free static Hugging Face Space (huggingface_hub, installed with this project):\n"
-        f"  hf upload USER/NAME {out} . --repo-type space\n"
-        "or put the folder on any static host (GitHub Pages, a web server)."
+        "  hf repos create USER/NAME --type space --sdk static\n"
+        f"  hf upload USER/NAME {q} . --repo-type space\n"
+        "or put the folder on any static host (for GitHub Pages, leave out its .gitattributes: Pages serves "
+        "Git LFS files as pointers)."
     )
     return 0
 

@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -83,6 +85,10 @@ CLASSIFY = """async (urls) => {
 }"""
 
 
+PIXELS = """async (urls) => Promise.all(
+  urls.map(async (u) => window.vitPage.preprocessBlob(await (await fetch(u)).blob())))"""
+
+
 @needs_page
 def test_page_answers_as_vit_runtime_without_leaving_127_0_0_1(page_site):
     from playwright.sync_api import sync_playwright
@@ -99,9 +105,7 @@ def test_page_answers_as_vit_runtime_without_leaving_127_0_0_1(page_site):
         page.on("request", lambda r: requests.append(r.url))
         page.goto(url)
         got = page.evaluate(CLASSIFY, rels)
-        pixels = page.evaluate(
-            "async (u) => window.vitPage.preprocessBlob(await (await fetch(u)).blob())", rels[len(rels) // 2]
-        )
+        pixels = page.evaluate(PIXELS, rels)
         b.close()
     worst = 0.0
     for f, r in zip(files, got):
@@ -112,9 +116,11 @@ def test_page_answers_as_vit_runtime_without_leaving_127_0_0_1(page_site):
         if want.ood_score is not None:
             assert r["ood"] == pytest.approx(want.ood_score, rel=1e-3, abs=1e-3)
     assert worst <= 1e-3
-    # Opaque PNG: the page's preprocessing is Pillow's, value for value.
-    x = clf.preprocess(files[len(files) // 2])
-    assert np.abs(np.asarray(pixels, np.float32).reshape(x.shape) - x).max() < 1e-5
+    # The page's input tensors are vit.runtime's, value for value: decoding (PNG, JPEG, EXIF
+    # rotation, transparency, a PNG named .jpg) and Pillow's resampling, ported.
+    for f, px in zip(files, pixels):
+        x = clf.preprocess(f)
+        assert np.abs(np.asarray(px, np.float32).reshape(x.shape) - x).max() < 1e-5, f.name
     assert requests and all(u.startswith(url) for u in requests), [u for u in requests if not u.startswith(url)]
 
 
@@ -226,7 +232,7 @@ def test_runtime_is_pinned_checked_and_offline_says_what_to_do(tmp_path, monkeyp
     # Offline, nothing is written: no half-built folder, nothing exported.
     with pytest.raises(ExportError):
         build_web(BUNDLED, tmp_path / "page", runtime=fake)
-    assert not (tmp_path / "page").exists() and not (tmp_path / "page.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnxruntime-web.tgz"]
 
 
 @pytest.mark.skipif(cached_runtime() is None, reason="needs the cached onnxruntime-web (make test fetches it)")
@@ -294,3 +300,107 @@ def test_space_carries_the_canvas_setting_and_the_int8_file(exported, tmp_path):
     with pytest.raises(ExportError, match="int8"):
         build_space(src, tmp_path / "asked", int8=True)
     assert not (tmp_path / "asked").exists()
+
+
+RESIZE = """async (cases) => {
+  const v = await import("./vit.js");
+  return cases.map((c) => Array.from(
+    v.resizeForEval(Uint8Array.from(c.rgb), c.w, c.h, c.size, c.crop, c.interp).rgb));
+}"""
+
+
+@needs_page
+def test_the_ported_resize_is_pillows_for_every_filter_and_extreme_shapes(page_site):
+    """Every interpolation, square and other inputs, crops, and long thin images (where only
+    the cropped region is resized, Pillow's box, and tall ones go vertical first)."""
+    from playwright.sync_api import sync_playwright
+
+    from vit.imageio import resize_for_eval
+
+    rng = np.random.default_rng(3)
+    cases, want = [], []
+    shapes = [(1, 5000), (5000, 1), (3, 9000), (9000, 2), (64, 64), (97, 61), (17, 200), (5, 5)]
+    for i in range(32):
+        w, h = shapes[i % len(shapes)]
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        interp = ["bicubic", "bilinear", "nearest", "lanczos"][i % 4]
+        size, crop = [(48, 48), (224, 224), (32, 64), (17, 17)][(i // 4) % 4], [1.0, 0.875, 0.9][i % 3]
+        cases.append(dict(w=w, h=h, rgb=a.ravel().tolist(), size=size, crop=crop, interp=interp))
+        want.append(np.asarray(resize_for_eval(Image.fromarray(a), size, crop, interp)).ravel())
+    with sync_playwright() as p:
+        b = launch_browser(p)
+        page = b.new_page()
+        page.goto(page_site[1])
+        got = page.evaluate(RESIZE, cases)
+        b.close()
+    for c, g, w in zip(cases, got, want):
+        assert np.array_equal(np.asarray(g, np.uint8), w), (c["w"], c["h"], c["size"], c["crop"], c["interp"])
+
+
+@needs_page
+def test_where_the_page_cannot_run_it_says_why(page_site, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    site, _ = page_site
+    pointer = Path(shutil.copytree(site, tmp_path / "pages"))
+    (pointer / "model.onnx").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    plain = page_server(site, port=0, isolated=False, quiet=True)  # like python -m http.server
+    lfs = page_server(pointer, port=0, quiet=True)
+    for s in (plain, lfs):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            b = launch_browser(p)
+            page = b.new_page()
+            page.goto((site / "index.html").as_uri())  # opened as a file
+            assert "must be served" in page.inner_text("#status")
+            page.goto(f"http://127.0.0.1:{plain.server_port}/")
+            got = page.evaluate(CLASSIFY, ["examples/" + sorted(os.listdir(site / "examples"))[0]])
+            assert got[0]["label"] and page.evaluate("window.vitPage.threads") == 1  # no isolation: one thread
+            page.goto(f"http://127.0.0.1:{lfs.server_port}/")
+            page.locator("#status.error").wait_for()
+            assert "Git LFS pointer" in page.inner_text("#status")
+            b.close()
+    finally:
+        for s in (plain, lfs):
+            s.shutdown()
+            s.server_close()
+
+
+@needs_page
+def test_labels_are_text_and_the_front_matter_is_yaml(tmp_path):
+    """Class names come from users' folder names: shown as text, never markup, and any title or
+    label list gives a README whose front matter parses."""
+    import onnx
+    import yaml
+    from playwright.sync_api import sync_playwright
+
+    from export.onnx_export import set_metadata
+
+    labels = json.loads(Classifier(BUNDLED, warmup=False).metadata["labels"])
+    labels[:3] = ["<img src=x onerror=window.pwned=1>", "Größe: groß", "a #b"]
+    proto = onnx.load(str(BUNDLED))
+    set_metadata(proto, {"labels": json.dumps(labels)})
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, str(model))
+    site = build_web(model, tmp_path / "page", title="Shapes: a demo # 1", log=lambda *_: None)
+    front = (site / "README.md").read_text(encoding="utf-8").split("---")[1]
+    meta = yaml.safe_load(front)
+    assert meta["title"] == "Shapes: a demo # 1" and meta["sdk"] == "static"
+    assert meta["custom_headers"]["cross-origin-opener-policy"] == "same-origin"
+    server = page_server(site, port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            b = launch_browser(p)
+            page = b.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+            page.evaluate("async () => { await window.vitPage.ready; }")
+            page.locator("#about summary").click()
+            about = page.inner_text("#about")
+            assert labels[0] in about and labels[1] in about  # the markup shown as text
+            assert page.evaluate("window.pwned") is None
+            b.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -25,6 +25,12 @@ async function loadModel() {
   const res = await fetch(url);
   if (!res.ok) throw new PageError(`Could not load ${name} (${res.status}): is it in this page's folder?`);
   const bytes = new Uint8Array(await res.arrayBuffer());
+  if (new TextDecoder().decode(bytes.subarray(0, 40)).startsWith("version https://git-lfs")) {
+    throw new PageError(
+      `${name} is a Git LFS pointer, not the model: this host serves LFS files as pointers (GitHub Pages does). ` +
+        "Publish the folder without its .gitattributes, or on a static Hugging Face Space.",
+    );
+  }
   state.meta = readMetadata(bytes);
   state.settings = modelSettings(state.meta);
   const cores = navigator.hardwareConcurrency || 1;
@@ -241,7 +247,10 @@ function showError(e) {
 }
 
 async function classifyAndShow(blob, name) {
-  if (!state.session) return;
+  if (!state.session) {
+    setStatus("The model is still loading: give the image again in a moment.", true);
+    return null;
+  }
   setStatus(`Classifying ${name}…`);
   try {
     const r = await classifyBlob(blob, name);
@@ -273,19 +282,6 @@ function wireInputs() {
   $("file").addEventListener("change", (e) => {
     fromFiles(e.target.files, "file");
     e.target.value = "";
-  });
-  const drop = $("drop");
-  for (const type of ["dragenter", "dragover"]) {
-    document.addEventListener(type, (e) => {
-      e.preventDefault();
-      drop.classList.add("over");
-    });
-  }
-  document.addEventListener("dragleave", () => drop.classList.remove("over"));
-  document.addEventListener("drop", (e) => {
-    e.preventDefault(); // never navigate away to the dropped file
-    drop.classList.remove("over");
-    fromFiles(e.dataTransfer?.files, "drop");
   });
   document.addEventListener("paste", (e) => {
     const files = Array.from(e.clipboardData?.files || []);
@@ -449,6 +445,21 @@ function about() {
 
 window.addEventListener("unhandledrejection", (e) => showError(e.reason));
 
+// Wired before the model loads: a file dropped early must never make the browser navigate
+// away to it.
+for (const type of ["dragenter", "dragover"]) {
+  document.addEventListener(type, (e) => {
+    e.preventDefault();
+    $("drop").classList.add("over");
+  });
+}
+document.addEventListener("dragleave", () => $("drop").classList.remove("over"));
+document.addEventListener("drop", (e) => {
+  e.preventDefault();
+  $("drop").classList.remove("over");
+  fromFiles(e.dataTransfer?.files, "drop");
+});
+
 async function start() {
   $("ort-version").textContent = ort.env.versions?.web ?? "";
   const [page] = await Promise.all([loadPage(), loadModel()]);
@@ -463,9 +474,8 @@ async function start() {
   const first = page.examples?.[0];
   if (first) {
     const res = await fetch(`examples/${encodeURIComponent(first.file)}`);
-    await classifyAndShow(await res.blob(), first.file);
+    if (await classifyAndShow(await res.blob(), first.file)) window.vitPage.firstAnswerMs = performance.now();
   }
-  window.vitPage.firstAnswerMs = performance.now();
   return state.settings;
 }
 
@@ -497,6 +507,8 @@ window.vitPage = {
   last: null,
 };
 window.vitPage.ready = start().catch((e) => {
-  showError(e);
+  // Nothing works without the model: say why, and not that the page still works.
+  setStatus(e instanceof PageError ? e.message : `The model could not be loaded: ${e?.message ?? e}`, true);
+  $("verdict").textContent = "";
   throw e;
 });

@@ -195,6 +195,7 @@ export function sniff(bytes) {
 // ---------------------------------------------------------------------------------------
 
 const PRECISION_BITS = 32 - 8 - 2;
+const LARGE_RESIZE = 2 ** 22; // as vit/imageio.py: beyond this (and 16 inputs), resize only the crop
 const ONE = 2 ** PRECISION_BITS;
 const HALF = 2 ** (PRECISION_BITS - 1);
 
@@ -219,8 +220,10 @@ const FILTERS = {
   lanczos: { support: 3.0, f: (x) => (-3.0 <= x && x < 3.0 ? sinc(x) * sinc(x / 3) : 0.0) },
 };
 
-function coefficients(inSize, outSize, filter) {
-  const scale = inSize / outSize;
+// precompute_coeffs: for each output pixel, the source range and its fixed-point weights.
+// in0 and in1 bound the source region (Pillow's box, float32 in its C code).
+function coefficients(inSize, in0, in1, outSize, filter) {
+  const scale = Math.fround(in1 - in0) / outSize;
   const filterscale = Math.max(scale, 1.0);
   const support = filter.support * filterscale;
   const ksize = Math.ceil(support) * 2 + 1;
@@ -228,7 +231,7 @@ function coefficients(inSize, outSize, filter) {
   const kk = new Float64Array(outSize * ksize);
   const k = new Float64Array(ksize);
   for (let xx = 0; xx < outSize; xx++) {
-    const center = (xx + 0.5) * scale;
+    const center = in0 + (xx + 0.5) * scale;
     const ss = 1.0 / filterscale;
     const xmin = Math.max(Math.trunc(center - support + 0.5), 0);
     const xmax = Math.min(Math.trunc(center + support + 0.5), inSize) - xmin;
@@ -249,10 +252,10 @@ function coefficients(inSize, outSize, filter) {
 
 const clip8 = (v) => (v >= ONE * 256 ? 255 : v <= 0 ? 0 : Math.floor(v / ONE));
 
-// One pass along x (or, with swapped strides, along y) of an RGB image.
-function horizontal(src, w, h, outW, c) {
-  const out = new Uint8Array(outW * h * 3);
-  for (let y = 0; y < h; y++) {
+// The horizontal pass over source rows [y0, y1) of an RGB image.
+function horizontal(src, w, y0, y1, outW, c) {
+  const out = new Uint8Array(outW * (y1 - y0) * 3);
+  for (let y = y0; y < y1; y++) {
     const row = y * w * 3;
     for (let xx = 0; xx < outW; xx++) {
       const xmin = c.bounds[xx * 2];
@@ -268,7 +271,7 @@ function horizontal(src, w, h, outW, c) {
         s1 += src[p + 1] * k;
         s2 += src[p + 2] * k;
       }
-      const o = (y * outW + xx) * 3;
+      const o = ((y - y0) * outW + xx) * 3;
       out[o] = clip8(s0);
       out[o + 1] = clip8(s1);
       out[o + 2] = clip8(s2);
@@ -277,10 +280,11 @@ function horizontal(src, w, h, outW, c) {
   return out;
 }
 
-function vertical(src, w, outH, c) {
+// The vertical pass; source row indices are offset by y0 (the first row the pass reads).
+function vertical(src, w, y0, outH, c) {
   const out = new Uint8Array(w * outH * 3);
   for (let yy = 0; yy < outH; yy++) {
-    const ymin = c.bounds[yy * 2];
+    const ymin = c.bounds[yy * 2] - y0;
     const ymax = c.bounds[yy * 2 + 1];
     const base = yy * c.ksize;
     for (let x = 0; x < w; x++) {
@@ -303,14 +307,15 @@ function vertical(src, w, outH, c) {
   return out;
 }
 
-function nearest(src, w, h, outW, outH) {
-  // ImagingScaleAffine: source coordinates by repeated addition from half a step, truncated.
+// ImagingScaleAffine (Pillow's nearest resize): source coordinates by repeated addition from
+// half a step, truncated.
+function nearest(src, w, h, outW, outH, box) {
   const out = new Uint8Array(outW * outH * 3);
-  const sx = w / outW;
-  const sy = h / outH;
+  const sx = Math.fround(box[2] - box[0]) / outW;
+  const sy = Math.fround(box[3] - box[1]) / outH;
   const xin = new Int32Array(outW);
-  for (let x = 0, xo = sx * 0.5; x < outW; x++, xo += sx) xin[x] = Math.min(Math.trunc(xo), w - 1);
-  for (let y = 0, yo = sy * 0.5; y < outH; y++, yo += sy) {
+  for (let x = 0, xo = box[0] + sx * 0.5; x < outW; x++, xo += sx) xin[x] = Math.min(Math.trunc(xo), w - 1);
+  for (let y = 0, yo = box[1] + sy * 0.5; y < outH; y++, yo += sy) {
     const row = Math.min(Math.trunc(yo), h - 1) * w;
     for (let x = 0; x < outW; x++) {
       const p = (row + xin[x]) * 3;
@@ -323,20 +328,38 @@ function nearest(src, w, h, outW, outH) {
   return out;
 }
 
-// PIL's Image.resize((outW, outH), filter) of an RGB image (Uint8Array, w*h*3).
-export function resize(rgb, w, h, outW, outH, interpolation) {
-  if (outW === w && outH === h) return rgb;
-  if (interpolation === "nearest") return nearest(rgb, w, h, outW, outH);
+// One resize of Pillow's C core (ImagingResample, or the affine nearest-neighbour).
+function resizeCore(rgb, w, h, outW, outH, interpolation, b) {
+  if (interpolation === "nearest") return nearest(rgb, w, h, outW, outH, b);
   const filter = FILTERS[interpolation];
   if (!filter) throw new Error(`unknown interpolation ${interpolation}`);
+  const needH = outW !== w || b[0] !== 0 || b[2] !== w;
+  const needV = outH !== h || b[1] !== 0 || b[3] !== h;
+  const cv = coefficients(h, b[1], b[3], outH, filter);
+  const y0 = cv.bounds[0];
+  const y1 = cv.bounds[outH * 2 - 2] + cv.bounds[outH * 2 - 1];
   let img = rgb;
   let cur = w;
-  if (outW !== w) {
-    img = horizontal(img, w, h, outW, coefficients(w, outW, filter));
+  let first = 0;
+  if (needH) {
+    img = horizontal(img, w, needV ? y0 : 0, needV ? y1 : h, outW, coefficients(w, b[0], b[2], outW, filter));
     cur = outW;
+    first = needV ? y0 : 0;
   }
-  if (outH !== h) img = vertical(img, cur, outH, coefficients(h, outH, filter));
-  return img;
+  return needV ? vertical(img, cur, first, outH, cv) : img;
+}
+
+// PIL's Image.resize((outW, outH), filter, box) of an RGB image (Uint8Array, w*h*3); box is
+// the source region [x0, y0, x1, y1], the whole image by default.
+export function resize(rgb, w, h, outW, outH, interpolation, box = null) {
+  const b = (box ?? [0, 0, w, h]).map(Math.fround);
+  if (outW === w && outH === h && b[0] === 0 && b[1] === 0 && b[2] === w && b[3] === h) return rgb;
+  if (h > w * 100 && outH < h) {
+    // Pillow 11.2+: a very tall image shrinking in height is resized vertically first.
+    const tall = resizeCore(rgb, w, h, w, outH, interpolation, [0, b[1], w, b[3]]);
+    return resizeCore(tall, w, outH, outW, outH, interpolation, [b[0], 0, b[2], outH]);
+  }
+  return resizeCore(rgb, w, h, outW, outH, interpolation, b);
 }
 
 // Python's round(): halves go to the even neighbour.
@@ -358,9 +381,16 @@ export function resizeForEval(rgb, w, h, size, cropPct, interpolation) {
   } else {
     [newW, newH] = [Math.floor(W / cropPct), Math.floor(H / cropPct)];
   }
-  const resized = resize(rgb, w, h, newW, newH, interpolation);
   const top = roundHalfEven((newH - H) / 2);
   const left = roundHalfEven((newW - W) / 2);
+  if (newW * newH > Math.max(16 * H * W, LARGE_RESIZE)) {
+    // A very long, thin image would be resized to gigabytes before the crop: only the region
+    // the crop keeps is resized, as vit/imageio.py does (Pillow's box).
+    const [sx, sy] = [w / newW, h / newH];
+    const box = [left * sx, top * sy, (left + W) * sx, (top + H) * sy];
+    return { rgb: resize(rgb, w, h, W, H, interpolation, box), width: W, height: H };
+  }
+  const resized = resize(rgb, w, h, newW, newH, interpolation);
   const out = new Uint8Array(W * H * 3); // PIL's crop pads with black outside the image
   for (let y = 0; y < H; y++) {
     const sy = y + top;
