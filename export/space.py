@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -133,8 +134,8 @@ def model_card(meta: dict, report: dict | None, title: str, where: str = GRADIO_
         + (f" on {meta['train_images']} images" if meta.get("train_images") else "")
         + f"; {'fp32' if meta.get('quantization', 'none') == 'none' else meta['quantization']}; "
         f"SHA-256 of the trained weights {meta['weights_sha256'][:16]}...",
-        f'- The app says "not sure" below a top probability of {float(meta.get("threshold", 0)):.0%} '
-        f"({meta.get('threshold_rule', '')}).",
+        f'- The app says "not sure" below a top probability of {float(meta.get("threshold", 0)):.0%}, '
+        f"the {meta.get('threshold_rule', 'rule not recorded')}.",
         "",
         "## Results",
         "",
@@ -164,13 +165,16 @@ def stage_model(
     from export.onnx_export import ExportError, export_run, int8_path, set_metadata
 
     source = Path(source)
+    if not source.exists():
+        raise ExportError(f"{source} does not exist: give a run folder made by train.py or an .onnx file")
     if source.is_dir():
         earlier, carried = source / "model.onnx", False
         if earlier.is_file():
             canvas = canvas or model_metadata(earlier).get("canvas") == "true"
             carried = int8 is None and int8_path(earlier).is_file()
         want = bool(int8) or carried
-        export_run(source, dest, int8=want, extra_metadata={"canvas": "true"} if canvas else None, data=data)
+        canvas_meta = {"canvas": "true"} if canvas else None
+        export_run(source, dest, int8=want, extra_metadata=canvas_meta, data=data, log=log)
         twin = int8_path(dest)
         if want and twin.is_file():
             twin.replace(dest)
@@ -201,38 +205,59 @@ def stage_model(
     return None
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+EXAMPLE_LIMITS = (10 * 2**20, 40_000_000)  # bytes and pixels: what the app and the page accept
+BROWSER_FORMATS = {"PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP"}
+
+
+def example_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be published as an example image, or None when it can."""
+    from vit.imageio import BadImage, decode_image
+
+    if path.stat().st_size > EXAMPLE_LIMITS[0]:
+        return "over 10 MB"
+    try:
+        fmt = decode_image(path, EXAMPLE_LIMITS[1])[1]
+    except BadImage as e:
+        return str(e)
+    return None if fmt in BROWSER_FORMATS else f"{fmt} files are not shown by browsers"
 
 
 def stage_examples(
-    source: Path, dest: Path, count: int, from_dir: Path | None = None, data: Path | None = None
+    source: Path, dest: Path, count: int, from_dir: Path | None = None, data: Path | None = None, log=print
 ) -> list[dict]:
-    """``count`` example images into ``dest``, as [{"file", "label"}]: the images of ``from_dir``
-    when given, else a run's validation images, round-robin over classes (or examples/ next to
-    an .onnx file). None unless asked: a user's images are published only when they say so."""
+    """Up to ``count`` example images into ``dest``, as [{"file", "label"}]: the images of
+    ``from_dir`` when given, else a run's validation images, round-robin over classes (or
+    examples/ next to an .onnx file). Files that are not usable images are left out and named.
+    None unless asked: a user's images are published only when they say so."""
     if count <= 0:
         return []
-    dest.mkdir(parents=True, exist_ok=True)
-    source, picked = Path(source), []
+    source = Path(source)
     if source.is_dir() and from_dir is None:
         from vit.run import RunDir
 
-        per_class = -(-count // max(1, len(RunDir(source).config()["labels"])))
-        for i, (p, label) in enumerate(pick_examples(source, per_class, limit=count, data=data)):
-            name = f"{label}_{i:02d}{p.suffix.lower()}"
-            shutil.copy(p, dest / name)
-            picked.append({"file": name, "label": label})
-        return picked
-    folder = from_dir or source.parent / "examples"
-    if not folder.is_dir():
-        from export.onnx_export import ExportError
+        k = max(1, len(RunDir(source).config()["labels"]))
+        candidates = pick_examples(source, -(-count // k) + 2, limit=count + 2 * k, data=data)
+    else:
+        folder = from_dir or source.parent / "examples"
+        if not folder.is_dir():
+            from export.onnx_export import ExportError
 
-        raise ExportError(f"no example folder {folder}: pass --examples-from DIR, or --examples 0")
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_SUFFIXES and len(picked) < count:
-            name = p.stem + p.suffix.lower()  # the LFS rules match lower-case suffixes
-            shutil.copy(p, dest / name)
-            picked.append({"file": name, "label": None})
+            raise ExportError(f"no example folder {folder}: pass --examples-from DIR, or --examples 0")
+        candidates = [(p, None) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    dest.mkdir(parents=True, exist_ok=True)
+    picked = []
+    for p, label in candidates:
+        if len(picked) == count:
+            break
+        problem = example_problem(p)
+        if problem:
+            log(f"example {p.name} left out: {problem}")
+            continue
+        name = f"{label}_{len(picked):02d}{p.suffix.lower()}" if label else p.stem + p.suffix.lower()
+        shutil.copy(p, dest / name)  # lower-case suffixes: the LFS rules match those
+        picked.append({"file": name, "label": label})
+    if len(picked) < count:
+        log(f"{len(picked)} example images published ({count} asked for): no more usable ones")
     return picked
 
 
@@ -258,6 +283,9 @@ def staged(out: Path):
         raise ExportError(f"{out} exists and is not an empty folder: choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the folder from a web server's user
     try:
         yield staging
         if out.exists():
@@ -266,6 +294,11 @@ def staged(out: Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def renamed_log(staging: Path, out: Path, log=print):
+    """``log``, saying ``out`` where a message names the staging folder (which will be renamed)."""
+    return lambda msg: log(str(msg).replace(str(staging), str(out)))
 
 
 def front_matter(title: str, labels: list[str], sdk_lines: list[str]) -> str:
@@ -295,8 +328,9 @@ def build_space(
 
     with staged(out) as staging:
         (staging / "assets").mkdir()
-        report = stage_model(source, staging / "assets" / "model.onnx", data, int8, canvas)
-        stage_examples(source, staging / "assets" / "examples", examples, examples_from, data)
+        log = renamed_log(staging, out)
+        report = stage_model(source, staging / "assets" / "model.onnx", data, int8, canvas, log)
+        stage_examples(source, staging / "assets" / "examples", examples, examples_from, data, log)
         clf = Classifier(staging / "assets" / "model.onnx")  # proves the file loads and has its metadata
         for rel in RUNTIME_FILES:
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -323,14 +357,25 @@ def quoted(path) -> str:
     return subprocess.list2cmdline([str(path)]) if sys.platform == "win32" else shlex.quote(str(path))
 
 
+def count_arg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give 0 or more")
+    return int(text)
+
+
+def check_publish_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.examples_from is not None and not a.examples:
+        p.error("--examples-from needs --examples N: how many of its images to publish")
+
+
 def add_publish_flags(p: argparse.ArgumentParser) -> None:
     """The flags the Space and the web page share."""
     p.add_argument("source", type=Path, help="a run folder (made by train.py) or an .onnx file (made by export)")
     p.add_argument("--out", type=Path, required=True, help="the folder to create")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="the page's title (default: ViT image classifier)")
     p.add_argument(
         "--examples",
-        type=int,
+        type=count_arg,
         default=0,
         metavar="N",
         help="publish N example images (a run's validation images, round-robin over classes); default none",
@@ -357,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_publish_flags(p)
     a = p.parse_args(argv)
+    check_publish_flags(p, a)
     from export.onnx_export import ExportError
     from vit.run import RunError
     from vit.runtime import ModelFileError
@@ -371,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Space folder ready: {out}\n"
         "Creating a Gradio Space needs a paid Hugging Face plan; `python -m export web` makes a static page, "
         "which is free to host.\n"
-        "Push it with huggingface_hub (installed with this project):\n"
+        "Push it with huggingface_hub (installed with this project; `hf auth login` once first):\n"
         "  hf repos create USER/NAME --type space --sdk gradio\n"
         f"  hf upload USER/NAME {q} . --repo-type space\n"
         "or with git (git-lfs needed: the model and images go through LFS):\n"

@@ -187,14 +187,15 @@ def build_web(
     log=print,
 ) -> Path:
     """Write the static page folder ``out`` from a run folder or an exported .onnx file."""
-    from export.space import stage_examples, stage_model, staged, write_lfs_rules
+    from export.space import renamed_log, stage_examples, stage_model, staged, write_lfs_rules
     from vit.runtime import Classifier
 
     files = runtime_files(runtime_package(runtime, log=log))  # first: offline fails before any work
     with staged(out) as staging:
+        log = renamed_log(staging, out, log)
         report = stage_model(source, staging / "model.onnx", data, int8, canvas, log)
         clf = Classifier(staging / "model.onnx", warmup=False)  # the file loads and has its metadata
-        picked = stage_examples(source, staging / "examples", examples, examples_from, data)
+        picked = stage_examples(source, staging / "examples", examples, examples_from, data, log)
         for name in PAGE_FILES:
             shutil.copy(PAGE / name, staging / name)
         (staging / "ort").mkdir()
@@ -251,6 +252,8 @@ def page_server(folder: Path, host: str = "127.0.0.1", port: int = 8000, isolate
     """A threading HTTP server for ``folder`` (not started). ``isolated``: send the
     cross-origin isolation headers that let the runtime use threads."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"{folder} does not exist: build it with python -m export web SOURCE --out {folder}")
     if not (folder / "index.html").is_file():
         raise ExportError(f"{folder} has no index.html: build it with python -m export web SOURCE --out {folder}")
     handler = type("Handler", (PageHandler,), {"isolated": isolated, "quiet": quiet})
@@ -263,7 +266,7 @@ def page_server(folder: Path, host: str = "127.0.0.1", port: int = 8000, isolate
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.space import add_publish_flags, quoted
+    from export.space import add_publish_flags, check_publish_flags, quoted
     from vit.run import RunError
     from vit.runtime import ModelFileError
 
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     add_publish_flags(p)
     p.add_argument("--runtime", type=Path, default=None, help=f"the onnxruntime-web {ORT_WEB_VERSION} .tgz, if offline")
     a = p.parse_args(argv)
+    check_publish_flags(p, a)
     try:
         out = build_web(a.source, a.out, a.title, a.examples, a.examples_from, a.data, a.int8, a.canvas, a.runtime)
     except (ExportError, RunError, ModelFileError, FileNotFoundError) as e:
@@ -284,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     q = quoted(out)
     print(
         f"Web page ready: {out} ({page_weight(out) / 2**20:.1f} MiB for a visitor to load)\n"
-        f"Look at it here: python -m export serve {q}\n"
-        "Publish it as a free static Hugging Face Space (huggingface_hub, installed with this project):\n"
+        f"Look at it here: python -m export serve {q}   (then open http://127.0.0.1:8000)\n"
+        "Publish it as a free static Hugging Face Space (huggingface_hub, installed with this project; "
+        "`hf auth login` once first):\n"
         "  hf repos create USER/NAME --type space --sdk static\n"
         f"  hf upload USER/NAME {q} . --repo-type space\n"
         "or put the folder on any static host (for GitHub Pages, leave out its .gitattributes: Pages serves "
@@ -300,12 +305,15 @@ def serve_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("folder", type=Path, help="a folder made by python -m export web")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     a = p.parse_args(argv)
     try:
         server = page_server(a.folder, a.host, a.port)
-    except (ExportError, OSError) as e:
+    except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot listen on {a.host}:{a.port} ({e.strerror or e}): choose another --port", file=sys.stderr)
         return 2
     print(f"Serving {a.folder} at http://{a.host}:{server.server_port} (Ctrl+C stops)", flush=True)
     try:

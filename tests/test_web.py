@@ -215,6 +215,8 @@ def test_every_input_route_and_bad_files_get_a_sentence(page_site, tmp_path):
         page.locator("#about summary").click()
         about = page.inner_text("#about")
         assert "Held-out test accuracy" in about and all(label in about for label in labels)
+        meta = Classifier(site / "model.onnx", warmup=False).metadata
+        assert f"{100 * float(meta['test_accuracy']):.2f}%" in about  # measured, never rounded up
         b.close()
     assert errors == []
 
@@ -357,9 +359,13 @@ def test_where_the_page_cannot_run_it_says_why(page_site, tmp_path):
             page.goto(f"http://127.0.0.1:{plain.server_port}/")
             got = page.evaluate(CLASSIFY, ["examples/" + sorted(os.listdir(site / "examples"))[0]])
             assert got[0]["label"] and page.evaluate("window.vitPage.threads") == 1  # no isolation: one thread
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"http://127.0.0.1:{lfs.server_port}/")
             page.locator("#status.error").wait_for()
             assert "Git LFS pointer" in page.inner_text("#status")
+            assert "Nothing can be classified" in page.inner_text("#verdict")  # and not "still works"
+            assert page.locator("#file").is_disabled() and errors == []
             b.close()
     finally:
         for s in (plain, lfs):
@@ -404,3 +410,38 @@ def test_labels_are_text_and_the_front_matter_is_yaml(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_examples_are_checked_counted_and_asked_for(tmp_path, capsys):
+    """Only usable images are published (each left-out file named); --examples-from needs a count."""
+    from export.space import main as space_main
+    from export.space import stage_examples
+
+    src = tmp_path / "mine"
+    src.mkdir()
+    Image.new("RGB", (20, 20), "red").save(src / "Red.PNG")
+    (src / "notes.png").write_text("not an image")
+    (src / "cut.jpg").write_bytes((ROOT / "assets" / "examples" / "star.png").read_bytes()[:80])
+    said = []
+    picked = stage_examples(BUNDLED, tmp_path / "out", 5, src, log=said.append)
+    assert [p["file"] for p in picked] == ["Red.png"]
+    assert any("notes.png left out" in m for m in said) and any("cut.jpg left out" in m for m in said)
+    assert any("1 example images published (5 asked for)" in m for m in said)
+    with pytest.raises(SystemExit):
+        space_main([str(BUNDLED), "--out", str(tmp_path / "s"), "--examples-from", str(src)])
+    assert "--examples-from needs --examples N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        space_main([str(BUNDLED), "--out", str(tmp_path / "s"), "--examples", "-2"])
+    assert space_main([str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "s")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_published_folders_are_readable_by_a_web_server(tmp_path):
+    from export.space import build_space
+
+    old = os.umask(0o022)
+    try:
+        out = build_space(BUNDLED, tmp_path / "space")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755

@@ -18,13 +18,30 @@ const state = { session: null, settings: null, meta: null, threads: 1, queue: Pr
 // Model
 // ---------------------------------------------------------------------------------------
 
+// The model's bytes, saying how far the download has come (the file may be tens of MB).
+async function readWithProgress(res) {
+  const total = Number(res.headers.get("content-length")) || 0;
+  if (!res.body) return new Uint8Array(await res.arrayBuffer());
+  const chunks = [];
+  let got = 0;
+  for (const reader = res.body.getReader(); ; ) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    got += value.length;
+    const of = total ? ` of ${(total / 2 ** 20).toFixed(1)}` : "";
+    setStatus(`Loading the model… ${(Math.min(got, total || got) / 2 ** 20).toFixed(1)}${of} MB`);
+  }
+  return new Uint8Array(await new Blob(chunks).arrayBuffer());
+}
+
 async function loadModel() {
   const name = params.get("model") || "model.onnx";
   const url = new URL(name, location.href);
   if (url.origin !== location.origin) throw new PageError("The model must be a file of this page's own folder.");
   const res = await fetch(url);
   if (!res.ok) throw new PageError(`Could not load ${name} (${res.status}): is it in this page's folder?`);
-  const bytes = new Uint8Array(await res.arrayBuffer());
+  const bytes = await readWithProgress(res);
   if (new TextDecoder().decode(bytes.subarray(0, 40)).startsWith("version https://git-lfs")) {
     throw new PageError(
       `${name} is a Git LFS pointer, not the model: this host serves LFS files as pointers (GitHub Pages does). ` +
@@ -156,6 +173,7 @@ function setStatus(text, error = false) {
 }
 
 const pct = (p) => `${(100 * p).toFixed(p >= 0.995 || p < 0.005 ? 0 : 1)}%`;
+const pct2 = (p) => `${(100 * p).toFixed(2)}%`; // measured accuracies: never rounded up to 100%
 
 function verdict(r) {
   const s = state.settings;
@@ -246,15 +264,18 @@ function showError(e) {
   $("timing").textContent = "";
 }
 
-async function classifyAndShow(blob, name) {
+async function classifyAndShow(blob, name, note = "") {
   if (!state.session) {
-    setStatus("The model is still loading: give the image again in a moment.", true);
+    if (!state.failed) setStatus("The model is still loading: give the image again in a moment.", true);
     return null;
   }
   setStatus(`Classifying ${name}…`);
   try {
     const r = await classifyBlob(blob, name);
     show(r, name);
+    if (note) $("verdict").textContent = `${note} ${$("verdict").textContent}`.trim();
+    const box = $("result").getBoundingClientRect();
+    if (box.top < 0 || box.top > innerHeight - 80) $("result").scrollIntoView({ block: "start", behavior: "smooth" });
     window.vitPage.last = r;
     return r;
   } catch (e) {
@@ -393,7 +414,7 @@ function showExamples(examples) {
     button.append(img);
     button.addEventListener("click", async () => {
       const res = await fetch(img.src);
-      await classifyAndShow(await res.blob(), ex.file);
+      await classifyAndShow(await res.blob(), ex.file, `Example ${ex.file}${ex.label ? ` (a ${ex.label})` : ""}:`);
     });
     list.append(button);
   }
@@ -415,13 +436,14 @@ function about() {
     const c = JSON.parse(m.model_config);
     rows.push(["Architecture", `ViT: ${c.depth} blocks, width ${c.dim}, ${c.heads} heads, patch ${c.patch_size}, pooling by ${c.pool}`]);
   }
-  if (m.test_accuracy) rows.push(["Held-out test accuracy", `${pct(parseFloat(m.test_accuracy))} on ${m.test_images} images never used for any choice`]);
-  if (m.val_accuracy) rows.push(["Validation accuracy", `${pct(parseFloat(m.val_accuracy))} (the split that chose the epoch and the thresholds)`]);
-  if (m.ece) rows.push(["Calibration", `temperature ${s.temperature.toFixed(3)}; expected calibration error ${parseFloat(m.ece).toFixed(3)}${m.ece_uncalibrated ? ` (${parseFloat(m.ece_uncalibrated).toFixed(3)} before)` : ""}`]);
+  if (m.test_accuracy) rows.push(["Held-out test accuracy", `${pct2(parseFloat(m.test_accuracy))} on ${m.test_images} images never used for any choice`]);
+  if (m.val_accuracy) rows.push(["Validation accuracy", `${pct2(parseFloat(m.val_accuracy))} (the split that chose the epoch and the thresholds)`]);
+  const ece = (v) => parseFloat(v).toPrecision(2);
+  if (m.ece) rows.push(["Calibration", `temperature ${s.temperature.toFixed(3)}; expected calibration error ${ece(m.ece)}${m.ece_uncalibrated ? ` (${ece(m.ece_uncalibrated)} before)` : ""}`]);
   rows.push(['"Not sure" below', `${pct(s.threshold)} top probability${m.threshold_rule ? ` (${m.threshold_rule})` : ""}`]);
   if (s.oodThreshold !== null && state.session.outputNames.includes("ood_score")) {
     const rates = m.ood_known_rates ? JSON.parse(m.ood_known_rates) : {};
-    const measured = Object.entries(rates).map(([k, v]) => `${k} ${pct(v)}`).join(", ");
+    const measured = Object.entries(rates).map(([k, v]) => `${k} ${(100 * v).toFixed(1)}%`).join(", ");
     rows.push(["Unlike its classes", `score above ${s.oodThreshold.toFixed(2)}; answered as known, measured at export: ${measured || "not recorded"}`]);
   }
   rows.push(["Weights", `${m.initialization ?? "not recorded"}; ${m.quantization && m.quantization !== "none" ? m.quantization : "fp32"}`]);
@@ -443,7 +465,9 @@ function about() {
 // Start
 // ---------------------------------------------------------------------------------------
 
-window.addEventListener("unhandledrejection", (e) => showError(e.reason));
+window.addEventListener("unhandledrejection", (e) => {
+  if (!state.failed) showError(e.reason);
+});
 
 // Wired before the model loads: a file dropped early must never make the browser navigate
 // away to it.
@@ -474,7 +498,8 @@ async function start() {
   const first = page.examples?.[0];
   if (first) {
     const res = await fetch(`examples/${encodeURIComponent(first.file)}`);
-    if (await classifyAndShow(await res.blob(), first.file)) window.vitPage.firstAnswerMs = performance.now();
+    const note = `An example, ${first.file}, to start with: give your own image.`;
+    if (await classifyAndShow(await res.blob(), first.file, note)) window.vitPage.firstAnswerMs = performance.now();
   }
   return state.settings;
 }
@@ -507,8 +532,11 @@ window.vitPage = {
   last: null,
 };
 window.vitPage.ready = start().catch((e) => {
-  // Nothing works without the model: say why, and not that the page still works.
+  // Nothing works without the model: say why, switch the inputs off, and do not claim otherwise.
   setStatus(e instanceof PageError ? e.message : `The model could not be loaded: ${e?.message ?? e}`, true);
-  $("verdict").textContent = "";
+  $("verdict").textContent = "Nothing can be classified until the model loads: reload the page once it is fixed.";
+  for (const el of document.querySelectorAll("#inputs button, #inputs input")) el.disabled = true;
+  state.failed = true;
   throw e;
 });
+window.vitPage.ready.catch(() => {}); // said above; not an unhandled rejection
