@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from vit.data import DataError, EvalTransform, cache_side_for, scan_folder, split_train_val
 from vit.imageio import BadImage, Preprocessing, open_image, preprocess
@@ -282,3 +282,21 @@ def test_a_long_thin_image_is_not_resized_to_gigabytes():
     small = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8))
     want = small.resize((256, 384), Image.Resampling.BICUBIC).crop((16, 80, 240, 304))
     assert np.array_equal(np.asarray(resize_for_eval(small, (224, 224), 0.875, "bicubic")), np.asarray(want))
+
+
+def test_affine_augmentation_fills_with_the_images_own_background():
+    """A glyph on paper stays on paper: the corners a rotation uncovers take the border colour,
+    and the strokes move (the pose changes, not the class)."""
+    import torch
+
+    from vit.data import BorderAffine
+
+    torch.manual_seed(0)
+    paper = Image.new("RGB", (32, 32), (250, 245, 230))
+    ImageDraw.Draw(paper).line([(16, 4), (16, 28)], fill=(0, 0, 0), width=3)
+    moved = [np.asarray(BorderAffine(degrees=30)(paper)) for _ in range(8)]
+    for m in moved:
+        assert tuple(m[0, 0]) == (250, 245, 230) and tuple(m[-1, -1]) == (250, 245, 230)
+    assert any(not np.array_equal(m, np.asarray(paper)) for m in moved)
+    night = Image.new("L", (8, 8), 0)  # scikit-learn's digits: white ink on black
+    assert np.asarray(BorderAffine(degrees=30)(night)).max() == 0

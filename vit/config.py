@@ -53,7 +53,8 @@ class TrainConfig:
     label_smoothing: float | None = setting("label smoothing")
     # ----- augmentation and regularisation ----------------------------------------------------
     augment: str | None = setting(
-        "trivial (TrivialAugment), randaugment or none", choices=("trivial", "randaugment", "none")
+        "trivial (TrivialAugment), randaugment, affine (a small rotation, shift and scale: for glyphs) or none",
+        choices=("trivial", "randaugment", "affine", "none"),
     )
     scale_min: float | None = setting("smallest area fraction of the random resized crop")
     hflip: float | None = setting("horizontal flip probability (0 for text, digits, arrows ...)")

@@ -478,6 +478,35 @@ class EpochSampler(Sampler):
         return -(-self.n // self.world) - self.start
 
 
+class BorderAffine:
+    """A small random rotation, shift and scale, the uncovered corners filled with the image's
+    own border colour (paper stays paper). Changes a glyph's pose, never its identity, unlike a
+    mirror image or TrivialAugment's larger operations on images of a few pixels."""
+
+    def __init__(self, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1)):
+        self.degrees, self.translate, self.scale = degrees, translate, scale
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        import numpy as np
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        a = np.asarray(img)
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]).reshape(-1, a.shape[-1] if a.ndim == 3 else 1)
+        fill = [int(v) for v in np.median(border, 0)]
+        u = torch.rand(4).tolist()
+        w, h = img.size
+        return TF.affine(
+            img,
+            angle=(2 * u[0] - 1) * self.degrees,
+            translate=[round((2 * u[1] - 1) * self.translate * w), round((2 * u[2] - 1) * self.translate * h)],
+            scale=self.scale[0] + u[3] * (self.scale[1] - self.scale[0]),
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+            fill=fill,
+        )
+
+
 def train_transform(
     size: tuple[int, int], mean, std, interpolation: str, augment: str, scale_min: float, hflip: float, erase: float
 ):
@@ -493,8 +522,10 @@ def train_transform(
         ops.append(T.TrivialAugmentWide(interpolation=interp))
     elif augment == "randaugment":
         ops.append(T.RandAugment(interpolation=interp))
+    elif augment == "affine":
+        ops.append(BorderAffine())
     elif augment != "none":
-        raise ValueError(f"unknown augment {augment!r}: use trivial, randaugment or none")
+        raise ValueError(f"unknown augment {augment!r}: use trivial, randaugment, affine or none")
     ops += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     if erase > 0:
         ops.append(T.RandomErasing(erase, value=0))
