@@ -1,178 +1,412 @@
-"""Learning quality: train.py with default settings against an RBF-SVM on raw pixels.
+"""Learning quality on small data: train.py's default recipe against three baselines, over
+several seeds, each scored on a test split that no method uses for any choice.
 
-    python benchmarks/learning.py                 # every dataset below
-    python benchmarks/learning.py --only digits
+    python benchmarks/learning.py                              # every dataset, 3 seeds, 10 min each
+    python benchmarks/learning.py --only digits --budget 2 --seeds 3
+    python benchmarks/learning.py --only digits --per-class 10 # tiny data: 10 training images a class
 
-For each small dataset, writes it as an image folder, runs ``python train.py --data ...``
-with no settings at all (the recipe decides; on a CPU it fits itself to 8 minutes), then
-trains scikit-learn's SVC (RBF kernel, C chosen by 3-fold cross-validation on the
-training images only) on the raw pixels of the *same* train/validation split that
-train.py saved, and scores both on that validation split. Writes
-benchmarks/learning_<machine>.json and prints a markdown table.
+For each dataset and seed: a fresh train/test split is written as an image folder (train/
+and test/); then, with the same wall-clock budget each,
+  vit      python train.py --data DIR --out RUN --time-budget B --seed S (nothing else: the
+           recipe decides); scored on test/ by train.py itself, which never used it;
+  cnn      timm's resnet18 from scratch with an ordinary recipe (AdamW, cosine, label
+           smoothing 0.1, small random affine augmentation), the final weights;
+  timm-vit timm's VisionTransformer (ViT-Ti width, patch = side / 8) from scratch with the
+           same ordinary recipe;
+and, with no time limit,
+  svm      scikit-learn's RBF SVC on raw pixels (one channel for grey images), standardised,
+           C and gamma by 3-fold cross-validation on the training images only.
+Writes benchmarks/learning_<budget>min_cpu.json (every run, and mean and std per method) and
+prints a markdown table. The "budget used" column is train.py's wall time over its budget.
 
 Datasets (nothing is downloaded):
-  digits   scikit-learn's bundled handwritten digits: 1,797 images, 8x8 px, 10 classes
-  shapes   this package's procedural shapes: 10 classes x 300 images, 32 px
-  shapes64 the same generator at 64 px: 10 classes x 200 images
+  digits    scikit-learn's bundled handwritten digits: 1,797 images, 8x8 px, 10 classes;
+            a stratified 75/25 split per seed
+  glyphs    the letters A-J rendered at 64 px from every usable font on this machine (the
+            OS's and matplotlib's), split by design family: no style, weight or width of a
+            test family appears in training
+  shapes32  this package's procedural shapes at 32 px, 10 classes x 150 (train), x 50 (test)
+  shapes64  the same at 64 px
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import platform
+import math
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# --------------------------------------------------------------------------------------
+# Datasets: each writes OUT/train/<class>/ and OUT/test/<class>/ for one seed
+# --------------------------------------------------------------------------------------
 
 
-def write_digits(out: Path) -> Path:
+def save(img: Image.Image, out: Path, split: str, label: str, name: str) -> None:
+    folder = out / split / label
+    folder.mkdir(parents=True, exist_ok=True)
+    img.save(folder / f"{name}.png")
+
+
+def write_digits(out: Path, seed: int) -> None:
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    for i, (img, y) in enumerate(zip(d.images, d.target)):
-        folder = out / str(y)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img * 255 / 16).round().astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
-    return out
+    idx = np.arange(len(d.target))
+    train, test = train_test_split(idx, test_size=0.25, stratify=d.target, random_state=seed)
+    for split, ids in (("train", train), ("test", test)):
+        for i in ids:
+            img = Image.fromarray((d.images[i] * 255 / 16).round().astype(np.uint8), mode="L")
+            save(img, out, split, str(d.target[i]), f"{i:04d}")
 
 
-def write_shapes(out: Path, per_class: int, size: int) -> Path:
-    sys.path.insert(0, str(ROOT))
+LETTERS = "ABCDEFGHIJ"
+SYMBOL_FONTS = ("cmex", "cmsy", "stixsiz", "stixnonuni", "lastresort", "mathtexgyre", "symbol", "emoji")
+
+
+def family(name: str, path: Path) -> str:
+    """A font's design family: its styles and widths (bold, condensed, narrow...) are one family."""
+    stem = path.stem.lower()
+    if stem.startswith("cm"):
+        return "Computer Modern " + ("Sans" if "ss" in stem else "Typewriter" if "tt" in stem else "Roman")
+    for word in (" Condensed", " ExtraLight", " Light", " Narrow"):
+        name = name.replace(word, "")
+    return name
+
+
+def usable_fonts() -> list[tuple[Path, str]]:
+    """Every font file on this machine that draws A-J as letters, one per (family, style), with
+    its design family."""
+    from fontTools.ttLib import TTFont
+    from matplotlib import get_data_path
+
+    folders = [Path(get_data_path()) / "fonts" / "ttf", Path("/usr/share/fonts"), Path.home() / ".fonts"]
+    folders += [Path("/Library/Fonts"), Path("/System/Library/Fonts"), Path("C:/Windows/Fonts")]
+    seen, fonts = set(), []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if path.suffix.lower() not in (".ttf", ".otf") or any(s in path.name.lower() for s in SYMBOL_FONTS):
+                continue
+            try:
+                font = TTFont(path, lazy=True)
+                cmap = font.getBestCmap() or {}
+                name = font["name"]
+                key = (str(name.getDebugName(1)), str(name.getDebugName(2)))
+            except Exception:
+                continue
+            if key not in seen and all(ord(c) in cmap for c in LETTERS):
+                seen.add(key)
+                fonts.append((path, family(key[0], path)))
+    return fonts
+
+
+def render_glyph(font: ImageFont.FreeTypeFont, letter: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """A letter in dark ink on a light background, with a little random size, place and angle."""
+    big = size * 2
+    img = Image.new("L", (big, big), int(rng.integers(215, 256)))
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+    w, h = right - left, bottom - top
+    scale = rng.uniform(0.55, 0.8) * big / max(w, h, 1)
+    glyph = Image.new("L", (w + 8, h + 8), 0)
+    ImageDraw.Draw(glyph).text((4 - left, 4 - top), letter, fill=255, font=font)
+    glyph = glyph.resize((max(1, round((w + 8) * scale)), max(1, round((h + 8) * scale))), Image.Resampling.BICUBIC)
+    glyph = glyph.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BICUBIC, expand=True)
+    x = int((big - glyph.width) / 2 + rng.uniform(-0.1, 0.1) * big)
+    y = int((big - glyph.height) / 2 + rng.uniform(-0.1, 0.1) * big)
+    ink = Image.new("L", glyph.size, int(rng.integers(0, 60)))
+    img.paste(ink, (x, y), glyph)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def write_glyphs(out: Path, seed: int, renders: int = 4, test_share: float = 0.25) -> None:
+    """Split by design family: no style, weight or width of a test font's family is in training."""
+    fonts = usable_fonts()
+    families = sorted({f for _, f in fonts})
+    if len(families) < 4:
+        raise SystemExit(f"only {len(families)} font families on this machine: the glyphs dataset needs 4 or more")
+    rng = np.random.default_rng(seed)
+    test = set(rng.permutation(families)[: max(1, round(len(families) * test_share))])
+    for path, fam in fonts:
+        split = "test" if fam in test else "train"
+        font = ImageFont.truetype(str(path), 96)
+        tag = hashlib.sha1(path.name.encode()).hexdigest()[:8]
+        for letter in LETTERS:
+            for k in range(renders):
+                save(render_glyph(font, letter, rng), out, split, letter, f"{tag}_{k}")
+
+
+def write_shapes(out: Path, seed: int, size: int) -> None:
     from vit.datasets import make_shapes
 
-    return make_shapes(out, per_class=per_class, size=size, seed=123)
+    make_shapes(out / "train", per_class=150, size=size, seed=1000 + seed)
+    make_shapes(out / "test", per_class=50, size=size, seed=2000 + seed)
 
 
 DATASETS = {
     "digits": write_digits,
-    "shapes": lambda out: write_shapes(out, 300, 32),
-    "shapes64": lambda out: write_shapes(out, 200, 64),
+    "glyphs": write_glyphs,
+    "shapes32": lambda out, seed: write_shapes(out, seed, 32),
+    "shapes64": lambda out, seed: write_shapes(out, seed, 64),
 }
 
 
-def pixels(root: Path, items: list, side: int) -> np.ndarray:
-    from vit.imageio import open_image
-
-    rows = []
-    for rel, _ in items:
-        img = open_image(root / rel)
-        if img.size != (side, side):
-            img = img.resize((side, side), Image.Resampling.BICUBIC)
-        rows.append(np.asarray(img, dtype=np.float32).ravel() / 255.0)
-    return np.stack(rows)
+def keep_per_class(root: Path, n: int, seed: int) -> None:
+    """Tiny data: keep ``n`` training images of each class (seeded), delete the rest."""
+    rng = np.random.default_rng(seed)
+    for folder in sorted((root / "train").iterdir()):
+        files = sorted(folder.iterdir())
+        for i in rng.permutation(len(files))[n:]:
+            files[i].unlink()
 
 
-def svm_baseline(root: Path, split: dict) -> dict:
+def load_split(root: Path, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 images and (N,) labels of one split."""
+    xs, ys = [], []
+    for y, c in enumerate(classes):
+        for p in sorted((root / split / c).iterdir()):
+            xs.append(np.asarray(Image.open(p).convert("RGB")))
+            ys.append(y)
+    return np.stack(xs), np.array(ys)
+
+
+# --------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------
+
+
+def run_vit(root: Path, work: Path, budget_min: float, seed: int, flags: list[str]) -> dict:
+    """train.py exactly as a user runs it, with the budget and seed; its own test score."""
+    run = work / "vit-run"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(root), "--out", str(run)]
+    cmd += ["--time-budget", str(budget_min), "--seed", str(seed), *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    minutes = (time.perf_counter() - t0) / 60
+    if res.returncode != 0:
+        raise SystemExit(f"train.py failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    cfg = json.loads((run / "config.json").read_text())
+    m, t = cfg["model"], cfg["train"]
+    return dict(
+        test_acc=cfg["result"]["test_acc"],
+        minutes=round(minutes, 2),
+        budget_used=round(minutes / budget_min, 3),
+        epochs=t.get("epochs_fitted") or t["epochs"],
+        stopped=cfg["result"].get("stopped"),
+        model=f"{m['depth']}x{m['dim']}, {m['image_size'][0]} px / patch {m['patch_size']}",
+    )
+
+
+def run_svm(root: Path, classes: list[str]) -> dict:
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    side = Image.open(root / split["train"][0][0]).size[0]
-    xtr, ytr = pixels(root, split["train"], side), np.array([y for _, y in split["train"]])
-    xva, yva = pixels(root, split["val"], side), np.array([y for _, y in split["val"]])
+    (xtr, ytr), (xte, yte) = load_split(root, "train", classes), load_split(root, "test", classes)
+    if (xtr == xtr[..., :1]).all():  # grey images: one channel, not three copies of it
+        xtr, xte = xtr[..., :1], xte[..., :1]
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
     t0 = time.perf_counter()
-    search = GridSearchCV(
-        make_pipeline(StandardScaler(), SVC(kernel="rbf", gamma="scale")),
-        {"svc__C": [1, 3, 10, 30, 100]},
-        cv=3,
-        n_jobs=1,
-    )
-    search.fit(xtr, ytr)
+    d = xtr[0].size
+    grid = {"svc__C": [1, 10, 100, 1000], "svc__gamma": [g / d for g in (0.03, 0.1, 0.3, 1.0, 3.0)]}
+    search = GridSearchCV(make_pipeline(StandardScaler(), SVC(kernel="rbf")), grid, cv=3, n_jobs=1)
+    search.fit(flat(xtr), ytr)
     return dict(
-        val_acc=round(float((search.predict(xva) == yva).mean()), 4),
+        test_acc=round(float((search.predict(flat(xte)) == yte).mean()), 4),
         C=search.best_params_["svc__C"],
-        seconds=round(time.perf_counter() - t0, 1),
+        gamma_x_d=round(search.best_params_["svc__gamma"] * d, 2),
+        minutes=round((time.perf_counter() - t0) / 60, 2),
     )
 
 
-def run_one(name: str, work: Path) -> dict:
-    data, run = work / name / "data", work / name / "run"
-    if not data.exists():
-        DATASETS[name](data)
-    if run.exists():
-        import shutil
+def ordinary_recipe(model, xtr, ytr, xte, yte, budget_s: float, side: int, seed: int, lr: float) -> dict:
+    """AdamW, one warm-up epoch then cosine to the budget, label smoothing 0.1, a small random
+    affine per image; the final weights on the test split."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.transforms import v2 as T
 
-        shutil.rmtree(run)
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--out", str(run)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    minutes = (time.perf_counter() - t0) / 60
-    if res.returncode != 0:
-        raise SystemExit(f"train.py failed on {name}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    cfg = json.loads((run / "config.json").read_text())
-    split = json.loads((run / "split.json").read_text())
-    last = (run / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
-    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    last_row = dict(zip(header, last))
-    last_acc = max(float(last_row["val_acc"]), float(last_row["ema_val_acc"] or 0))
-    m = cfg["model"]
+
+    def tensors(x):
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
+        t = F.interpolate(t, size=(side, side), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        return (t - 0.5) / 0.5
+
+    xtr_t, xte_t, ytr_t = tensors(xtr), tensors(xte), torch.from_numpy(ytr)
+    affine = T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    batch, n = 64, len(xtr_t)
+    steps_per_epoch = math.ceil(n / batch)
+    planned, epoch, step = None, 0, 0
+    while planned is None or epoch < planned:
+        e0 = time.perf_counter()
+        model.train()
+        for idx in torch.randperm(n).split(batch):
+            total = (planned or 10**6) * steps_per_epoch
+            warm = steps_per_epoch
+            scale = step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            for g in opt.param_groups:
+                g["lr"] = lr * max(scale, 0.01)
+            x = torch.stack([affine(img) for img in xtr_t[idx]])
+            loss = F.cross_entropy(model(x), ytr_t[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if time.perf_counter() - t0 > budget_s:
+                break
+        epoch += 1
+        if planned is None:  # the schedule's length, from the first epoch's time
+            planned = max(1, int((budget_s - (time.perf_counter() - t0)) / (time.perf_counter() - e0)) + 1)
+        if time.perf_counter() - t0 > budget_s:
+            break
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([model(xte_t[i : i + 256]).argmax(1) for i in range(0, len(xte_t), 256)]).numpy()
     return dict(
-        dataset=name,
-        classes=len(cfg["labels"]),
-        train_images=len(split["train"]),
-        val_images=len(split["val"]),
-        native_px=Image.open(data / split["train"][0][0]).size[0],
-        vit=dict(
-            val_acc_best=cfg["result"]["val_acc"],
-            val_acc_last_epoch=round(last_acc, 4),
-            epochs=cfg["train"].get("epochs_fitted", cfg["train"]["epochs"]),
-            wall_minutes=round(minutes, 2),
-            model=f"{m['depth']} blocks x {m['dim']} wide, {m['image_size'][0]}px / patch {m['patch_size']}",
-            train_images_per_s=float(last_row["images_per_s"]),
-            data_wait=float(last_row["data_wait"]),
-        ),
-        svm=svm_baseline(data, split),
+        test_acc=round(float((pred == yte).mean()), 4),
+        epochs=epoch,
+        minutes=round((time.perf_counter() - t0) / 60, 2),
     )
 
 
-def main() -> None:
+def baseline_side(native: int) -> int:
+    """The input side the baselines train at: small images up to 32 px, others as they are."""
+    return max(32, native)
+
+
+def run_cnn(root: Path, classes: list[str], budget_min: float, seed: int) -> dict:
+    import timm
+
+    (xtr, ytr), (xte, yte) = load_split(root, "train", classes), load_split(root, "test", classes)
+    side = baseline_side(xtr.shape[1])
+    model = timm.create_model("resnet18", pretrained=False, num_classes=len(classes))
+    return dict(ordinary_recipe(model, xtr, ytr, xte, yte, budget_min * 60, side, seed, lr=1e-3), side=side)
+
+
+def run_timm_vit(root: Path, classes: list[str], budget_min: float, seed: int) -> dict:
+    from timm.models.vision_transformer import VisionTransformer
+
+    (xtr, ytr), (xte, yte) = load_split(root, "train", classes), load_split(root, "test", classes)
+    side = baseline_side(xtr.shape[1])
+    model = VisionTransformer(
+        img_size=side, patch_size=side // 8, num_classes=len(classes), embed_dim=192, depth=12, num_heads=3
+    )
+    return dict(ordinary_recipe(model, xtr, ytr, xte, yte, budget_min * 60, side, seed, lr=5e-4), side=side)
+
+
+METHODS = ("vit", "svm", "cnn", "timm-vit")
+
+
+# --------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------
+
+
+def one_split(
+    name: str, seed: int, work: Path, budget: float, per_class: int | None, methods, vit_flags: list[str]
+) -> dict:
+    root = work / f"{name}-{seed}" / "data"
+    shutil.rmtree(root.parent, ignore_errors=True)
+    DATASETS[name](root, seed)
+    if per_class:
+        keep_per_class(root, per_class, seed)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    out = dict(
+        seed=seed,
+        train_images=sum(len(list((root / "train" / c).iterdir())) for c in classes),
+        test_images=sum(len(list((root / "test" / c).iterdir())) for c in classes),
+    )
+    for method in methods:
+        print(f"  {name} seed {seed}: {method}", flush=True)
+        if method == "vit":
+            out[method] = run_vit(root, root.parent, budget, seed, vit_flags)
+        elif method == "svm":
+            out[method] = run_svm(root, classes)
+        elif method == "cnn":
+            out[method] = run_cnn(root, classes, budget, seed)
+        else:
+            out[method] = run_timm_vit(root, classes, budget, seed)
+        print(f"    {json.dumps(out[method])}", flush=True)
+    shutil.rmtree(root.parent, ignore_errors=True)
+    return out
+
+
+def summary(runs: list[dict], methods) -> dict:
+    out = {}
+    for m in methods:
+        acc = np.array([r[m]["test_acc"] for r in runs])
+        out[m] = dict(mean=round(float(acc.mean()), 4), std=round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 4))
+    if "vit" in methods:
+        used = np.array([r["vit"]["budget_used"] for r in runs])
+        out["vit"]["budget_used_mean"] = round(float(used.mean()), 3)
+    return out
+
+
+def table(doc: dict) -> str:
+    methods = [m for m in METHODS if any(m in s for s in doc["summary"].values())]
+    head = "| data | train / test images | " + " | ".join(methods) + " | ViT budget used |"
+    rows = [head, "|" + "---|" * (len(methods) + 3)]
+    for key, s in doc["summary"].items():
+        runs = doc["results"][key]
+        cells = [f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['std']:.2f}" if m in s else "–" for m in methods]
+        used = f"{s['vit']['budget_used_mean']:.0%}" if "vit" in s else ""
+        sizes = f"{runs[0]['train_images']} / {runs[0]['test_images']}"
+        rows.append(f"| {key} | {sizes} | " + " | ".join(cells) + f" | {used} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=sorted(DATASETS), action="append")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--budget", type=float, default=10.0, help="minutes per training run (default 10)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--per-class", type=int, default=None, help="tiny data: training images kept per class")
+    p.add_argument("--vit-flags", default="", help="train.py flags to add (to measure a recipe change)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "learning")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "learning_cpu.json")
-    a = p.parse_args()
-    sys.path.insert(0, str(ROOT))
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
     from vit.bench import machine
 
-    for name in a.only or list(DATASETS):
-        print(f"== {name}", flush=True)
-        r = run_one(name, a.work)
-        print(json.dumps(r, indent=1), flush=True)
-        old = json.loads(a.out.read_text())["results"] if a.out.exists() else []
-        merged = {x["dataset"]: x for x in old} | {r["dataset"]: r}  # saved after every dataset
-        doc = dict(
-            machine=machine(),
-            platform=platform.platform(),
-            command="python benchmarks/learning.py",
-            results=list(merged.values()),
-        )
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(
-        "\n| dataset | images (train/val) | px | ViT val acc (best / last epoch) | RBF-SVM val acc | ViT minutes "
-        "| epochs | train img/s | data wait |"
+    out = a.out or ROOT / "benchmarks" / f"learning_{a.budget:g}min_cpu.json"
+    doc = json.loads(out.read_text()) if out.exists() else {"results": {}, "summary": {}}
+    doc.update(
+        machine=machine(),
+        command="python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        budget_minutes=a.budget,
+        vit_flags=a.vit_flags,
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in doc["results"]:
-        v, s = r["vit"], r["svm"]
-        print(
-            f"| {r['dataset']} | {r['train_images']}/{r['val_images']} | {r['native_px']} | "
-            f"{v['val_acc_best']:.1%} / {v['val_acc_last_epoch']:.1%} | {s['val_acc']:.1%} | {v['wall_minutes']:.1f} "
-            f"| {v['epochs']} | {v['train_images_per_s']:.0f} | {v['data_wait']:.0%} |"
-        )
+    for name in a.only or list(DATASETS):
+        key = name if not a.per_class else f"{name}, {a.per_class} per class"
+        print(f"== {key}", flush=True)
+        flags = a.vit_flags.split()
+        runs = [one_split(name, seed, a.work, a.budget, a.per_class, a.methods, flags) for seed in range(a.seeds)]
+        earlier = {r["seed"]: r for r in doc["results"].get(key, [])}  # other methods' runs are kept
+        runs = [{**earlier.get(r["seed"], {}), **r} for r in runs]
+        doc["results"][key] = runs
+        doc["summary"][key] = summary(runs, [m for m in METHODS if all(m in r for r in runs)])
+        out.write_text(json.dumps(doc, indent=1) + "\n")  # saved after every dataset
+    print(table(doc))
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

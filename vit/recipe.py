@@ -44,7 +44,7 @@ def scratch_recipe(num_images: int, native_side: int, device: str) -> dict:
     # On a CPU the run is fitted to minutes, a few dozen epochs at most: too short for strong
     # augmentation and regularisation to pay off (DeiT's recipe assumes hundreds of epochs).
     # Measured on 3,000 shapes at 32 px: 57% with light augmentation against 33% with
-    # TrivialAugment, erasing and stochastic depth in the same time (benchmarks/learning.py).
+    # TrivialAugment, erasing and stochastic depth in the same time (an earlier benchmarks/learning.py).
     short = device == "cpu"
     return dict(
         image_size=image_size,
