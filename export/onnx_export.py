@@ -130,6 +130,15 @@ def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
             proto.metadata_props.add(key=k, value=v)
 
 
+def file_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata, read without its weights' external data."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and onnx's own errors
+        raise ExportError(f"{path} is not a valid ONNX file ({type(e).__name__}: {e})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
 def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
     """Everything a reader of the file needs, as strings (JSON where structured)."""
     result = run.get("result", {})
@@ -509,7 +518,7 @@ def export_int8(
         q = Path(tmp) / "q.onnx"
         quantize_int8(fp32_path, q)
         proto = onnx.load(str(q))
-        src_meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+        src_meta = file_metadata(fp32_path)
         meta = {**src_meta, "quantization": "int8-dynamic (MatMul/Gemm weights, per channel)"}
         gate = int8_gate(ort_logits(ort_session(fp32_path), x), ort_logits(ort_session(proto), x), y)
         session = ort_session(proto)

@@ -145,12 +145,6 @@ def model_card(meta: dict, report: dict | None, title: str, where: str = GRADIO_
     return "\n".join(lines)
 
 
-def model_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 def stage_model(
     source: Path, dest: Path, data: Path | None = None, int8: bool | None = None, canvas: bool = False, log=print
 ) -> dict | None:
@@ -162,7 +156,7 @@ def stage_model(
     ``export --int8``, or an .onnx file's ``.int8.onnx`` twin: either exists only if it passed
     its accuracy gate). ``canvas``: offer a drawing pad; a run's earlier export carries it too.
     """
-    from export.onnx_export import ExportError, export_run, int8_path, set_metadata
+    from export.onnx_export import ExportError, export_run, file_metadata, int8_path, set_metadata
 
     source = Path(source)
     if not source.exists():
@@ -170,7 +164,7 @@ def stage_model(
     if source.is_dir():
         earlier, carried = source / "model.onnx", False
         if earlier.is_file():
-            canvas = canvas or model_metadata(earlier).get("canvas") == "true"
+            canvas = canvas or file_metadata(earlier).get("canvas") == "true"
             carried = int8 is None and int8_path(earlier).is_file()
         want = bool(int8) or carried
         canvas_meta = {"canvas": "true"} if canvas else None
@@ -183,11 +177,12 @@ def stage_model(
             raise ExportError("the int8 file did not pass its accuracy gate: leave out --int8 to serve fp32")
         elif want:
             log("the run's earlier int8 file did not pass its gate again: serving fp32")
-        return json.loads((source / "report.json").read_text()) if (source / "report.json").is_file() else None
+        report = source / "report.json"
+        return json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
     if source.suffix != ".onnx" or not source.is_file():
         raise ExportError(f"{source} is neither a run folder nor an .onnx file")
     twin = int8_path(source)
-    quantized = model_metadata(source).get("quantization", "none") != "none"
+    quantized = file_metadata(source).get("quantization", "none") != "none"
     if int8 is False and quantized:
         raise ExportError(f"{source.name} is an int8 file: give the fp32 file beside it for --fp32")
     if int8 and not quantized and not twin.is_file():

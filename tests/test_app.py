@@ -227,10 +227,11 @@ def test_space_folder_runs_from_its_own_directory(run_dir, tmp_path):
         stop(proc)
 
 
-def browser(p):
+def browser(p, extra_args: tuple[str, ...] = ()):
     return p.chromium.launch(
         executable_path=CHROMIUM,
-        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+        + list(extra_args),
     )
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from export.onnx_export import ExportError
 from export.web import ORT_WEB_VERSION, build_web, cache_dir, integrity_of, page_server, page_weight, runtime_package
 from tests.conftest import ROOT
-from tests.test_app import CHROMIUM
+from tests.test_app import CHROMIUM, browser
 from vit.datasets import make_shapes
 from vit.runtime import Classifier
 
@@ -35,10 +35,10 @@ needs_page = pytest.mark.skipif(
 
 
 def launch_browser(p, camera: bool = False):
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-    if camera:  # a synthetic webcam that needs no permission prompt
-        args += ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
-    return p.chromium.launch(executable_path=CHROMIUM, args=args)
+    """Debian's chromium as the app's tests drive it; ``camera``: with a synthetic webcam that
+    needs no permission prompt."""
+    fake = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+    return browser(p, fake if camera else ())
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +279,8 @@ def test_space_publishes_images_only_when_asked_and_puts_binaries_in_lfs(run_dir
 
 
 def test_space_carries_the_canvas_setting_and_the_int8_file(exported, tmp_path):
-    from export.onnx_export import int8_path, set_metadata
-    from export.space import build_space, model_metadata
+    from export.onnx_export import file_metadata, int8_path, set_metadata
+    from export.space import build_space
 
     fp32, result = exported
     if not result.get("int8", {}).get("path"):
@@ -294,9 +294,9 @@ def test_space_carries_the_canvas_setting_and_the_int8_file(exported, tmp_path):
     int8_src = int8_path(src)
     int8_src.write_bytes(int8_path(fp32).read_bytes())
     carried = build_space(src, tmp_path / "carried")
-    assert model_metadata(carried / "assets" / "model.onnx")["quantization"].startswith("int8")
+    assert file_metadata(carried / "assets" / "model.onnx")["quantization"].startswith("int8")
     plain = build_space(src, tmp_path / "plain", int8=False, canvas=True)
-    meta = model_metadata(plain / "assets" / "model.onnx")
+    meta = file_metadata(plain / "assets" / "model.onnx")
     assert meta["quantization"] == "none" and meta["canvas"] == "true"
     int8_src.unlink()
     with pytest.raises(ExportError, match="int8"):
@@ -434,6 +434,9 @@ def test_examples_are_checked_counted_and_asked_for(tmp_path, capsys):
         space_main([str(BUNDLED), "--out", str(tmp_path / "s"), "--examples", "-2"])
     assert space_main([str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.onnx").write_bytes(b"not a model" * 10)
+    assert space_main([str(tmp_path / "bad.onnx"), "--out", str(tmp_path / "s")]) == 2
+    assert "is not a valid ONNX file" in capsys.readouterr().err
 
 
 def test_published_folders_are_readable_by_a_web_server(tmp_path):
