@@ -355,7 +355,8 @@ export function resize(rgb, w, h, outW, outH, interpolation, box = null) {
   const b = (box ?? [0, 0, w, h]).map(Math.fround);
   if (outW === w && outH === h && b[0] === 0 && b[1] === 0 && b[2] === w && b[3] === h) return rgb;
   if (h > w * 100 && outH < h) {
-    // Pillow 11.2+: a very tall image shrinking in height is resized vertically first.
+    // As Pillow 12 does (vit/imageio.py runs on it): a very tall image shrinking in height is
+    // resized vertically first.
     const tall = resizeCore(rgb, w, h, w, outH, interpolation, [0, b[1], w, b[3]]);
     return resizeCore(tall, w, outH, outW, outH, interpolation, [b[0], 0, b[2], outH]);
   }
