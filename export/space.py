@@ -358,13 +358,12 @@ def count_arg(text: str) -> int:
     return int(text)
 
 
-def check_publish_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    if a.examples_from is not None and not a.examples:
-        p.error("--examples-from needs --examples N: how many of its images to publish")
-
-
-def add_publish_flags(p: argparse.ArgumentParser) -> None:
-    """The flags the Space and the web page share."""
+def publish_args(prog: str, description: str, argv: list[str] | None, more=None) -> argparse.Namespace:
+    """The command line the Space and the web page share, parsed and checked; ``more(parser)``
+    adds a command's own flags."""
+    p = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("source", type=Path, help="a run folder (made by train.py) or an .onnx file (made by export)")
     p.add_argument("--out", type=Path, required=True, help="the folder to create")
     p.add_argument("--title", default=None, help="the page's title (default: ViT image classifier)")
@@ -386,18 +385,16 @@ def add_publish_flags(p: argparse.ArgumentParser) -> None:
     q.add_argument("--int8", dest="int8", action="store_true", default=None, help="serve the int8 file")
     q.add_argument("--fp32", dest="int8", action="store_false", help="serve fp32 even when an int8 file is present")
     p.add_argument("--canvas", action="store_true", help="offer a drawing pad (a model of drawings)")
+    if more is not None:
+        more(p)
+    a = p.parse_args(argv)
+    if a.examples_from is not None and not a.examples:
+        p.error("--examples-from needs --examples N: how many of its images to publish")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m export space",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_publish_flags(p)
-    a = p.parse_args(argv)
-    check_publish_flags(p, a)
+    a = publish_args("python -m export space", __doc__, argv)
     from export.onnx_export import ExportError
     from vit.run import RunError
     from vit.runtime import ModelFileError

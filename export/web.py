@@ -266,20 +266,17 @@ def page_server(folder: Path, host: str = "127.0.0.1", port: int = 8000, isolate
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.space import add_publish_flags, check_publish_flags, quoted
+    from export.space import publish_args, quoted
     from vit.run import RunError
     from vit.runtime import ModelFileError
 
-    p = argparse.ArgumentParser(
-        prog="python -m export web",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    runtime_help = f"the onnxruntime-web {ORT_WEB_VERSION} .tgz, if offline"
+    a = publish_args(
+        "python -m export web",
+        __doc__,
+        argv,
+        lambda p: p.add_argument("--runtime", type=Path, default=None, help=runtime_help),
     )
-    add_publish_flags(p)
-    p.add_argument("--runtime", type=Path, default=None, help=f"the onnxruntime-web {ORT_WEB_VERSION} .tgz, if offline")
-    a = p.parse_args(argv)
-    check_publish_flags(p, a)
     try:
         out = build_web(a.source, a.out, a.title, a.examples, a.examples_from, a.data, a.int8, a.canvas, a.runtime)
     except (ExportError, RunError, ModelFileError, FileNotFoundError) as e:
