@@ -103,7 +103,7 @@ def describe_scan(scan, split) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, world: int):
+def resolve(args, scan, train_items: list, device: str, preprocessing: dict | None, world: int):
     """Recipe defaults from the data (a partial config), then every flag the user gave on top."""
     from vit import recipe
     from vit.config import TrainConfig, given
@@ -111,6 +111,7 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, w
     from vit.engine import ema_decay_for
     from vit.model import ViTConfig
 
+    n_train = len(train_items)
     if args.pretrained:
         partial = recipe.finetune_recipe(n_train, preprocessing)
     else:
@@ -125,6 +126,13 @@ def resolve(args, scan, n_train: int, device: str, preprocessing: dict | None, w
         values.update(time_budget=None, time_budget_note="off: --epochs was given without --time-budget")
     if values.get("time_budget") == 0:
         values["time_budget"] = None
+    if values.get("time_budget") and "epochs" not in flags:
+        values["epochs"] = recipe.BUDGET_MAX_EPOCHS  # the budget decides the length
+    if "hflip" not in flags and values["hflip"] > 0:
+        check = recipe.mirror_check(*scan.thumbnails(train_items), seed=values.get("seed") or 0)
+        if check.hurts:
+            values["hflip"] = 0.0
+        values["hflip_note"] = f"{'off' if check.hurts else 'on'}: {check.sentence()}"
     if values.get("layer_decay") == 1:
         values["layer_decay"] = None
     values["ema_decay_auto"] = values.get("ema_decay") is None
@@ -263,7 +271,7 @@ def new_run(args, device: str, world: int):
     defaults = TrainConfig()
     val_fraction = args.val_fraction if args.val_fraction is not None else defaults.val_fraction
     split = split_train_val(scan, val_fraction, args.seed if args.seed is not None else defaults.seed)
-    cfg = resolve(args, scan, len(split.train), device, prep, world)
+    cfg = resolve(args, scan, split.train, device, prep, world)
     torch.manual_seed(cfg.seed)
     return run, cfg, scan, split, build_model(cfg, scan.classes, module), False
 
@@ -360,6 +368,8 @@ def describe_start(model, cfg, device, world: int) -> None:
         log(f"Time budget: {cfg.time_budget:g} min (--epochs {cfg.epochs} is an upper bound)")
     else:
         log(f"Time budget: {cfg.time_budget_note or 'off'}")
+    if cfg.hflip_note:
+        log(f"Horizontal flip: {cfg.hflip_note} (--hflip sets it)")
 
 
 def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[str], t_start: float) -> None:

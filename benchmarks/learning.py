@@ -201,12 +201,41 @@ def run_vit(root: Path, work: Path, budget_min: float, seed: int, flags: list[st
     m, t = cfg["model"], cfg["train"]
     return dict(
         test_acc=cfg["result"]["test_acc"],
+        final_test_acc=final_weights_test(run, root, cfg),
+        best_epoch=cfg["result"]["best_epoch"],
+        hflip=t["hflip"],
         minutes=round(minutes, 2),
         budget_used=round(minutes / budget_min, 3),
         epochs=t.get("epochs_fitted") or t["epochs"],
         stopped=cfg["result"].get("stopped"),
         model=f"{m['depth']}x{m['dim']}, {m['image_size'][0]} px / patch {m['patch_size']}",
     )
+
+
+def final_weights_test(run: Path, root: Path, cfg: dict) -> float:
+    """Test accuracy of the run's last weights (their EMA, if kept) instead of its chosen epoch:
+    what choosing by a small validation split costs or gains."""
+    import torch
+
+    from vit import ViT, ViTConfig
+    from vit.imageio import Preprocessing, open_image
+
+    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model = ViT(ViTConfig.from_dict(cfg["model"])).eval()
+    if ck["ema"] is not None:
+        weights = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k.startswith("module.")}
+    else:
+        weights = ck["model"]
+    model.load_state_dict(weights)
+    prep = Preprocessing.from_dict(cfg["preprocessing"])
+    files = [(f, i) for i, c in enumerate(cfg["labels"]) for f in sorted((root / "test" / c).iterdir())]
+    right = 0
+    with torch.no_grad():
+        for start in range(0, len(files), 256):
+            chunk = files[start : start + 256]
+            x = torch.from_numpy(np.stack([prep(open_image(f)) for f, _ in chunk]))
+            right += int((model(x).argmax(1) == torch.tensor([y for _, y in chunk])).sum())
+    return round(right / len(files), 4)
 
 
 def run_svm(root: Path, classes: list[str]) -> dict:
@@ -356,6 +385,10 @@ def summary(runs: list[dict], methods) -> dict:
     if "vit" in methods:
         used = np.array([r["vit"]["budget_used"] for r in runs])
         out["vit"]["budget_used_mean"] = round(float(used.mean()), 3)
+        if all("final_test_acc" in r["vit"] for r in runs):
+            final = np.array([r["vit"]["final_test_acc"] for r in runs])
+            out["vit"]["final_weights_mean"] = round(float(final.mean()), 4)
+            out["vit"]["final_weights_std"] = round(float(final.std(ddof=1)) if len(final) > 1 else 0.0, 4)
     return out
 
 

@@ -88,6 +88,7 @@ class TrainConfig:
     ema_decay_auto: bool = derived(False)  # the EMA's horizon follows the run's length
     epochs_fitted: int | None = derived()  # the length the time budget chose
     time_budget_note: str | None = derived()  # why the budget is off, when it is
+    hflip_note: str | None = derived()  # what the mirror check found (vit.recipe.MirrorCheck)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +134,7 @@ class TrainConfig:
 
     def shown(self) -> str:
         """The settings, one line, as printed at the start of a run."""
-        hidden = {"data", "time_budget_note", "ema_decay_auto", "epochs_fitted", "model"}
+        hidden = {"data", "time_budget_note", "hflip_note", "ema_decay_auto", "epochs_fitted", "model"}
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name not in hidden)
 
 

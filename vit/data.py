@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
@@ -69,6 +70,13 @@ class FolderScan:
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # relative path -> (w, h)
     images: dict[str, Image.Image] | None = None  # decoded (and shrunk) images, if cached
     max_pixels: int = DEFAULT_MAX_PIXELS  # the decompression-bomb limit the scan used
+    thumbs: dict[str, bytes] = field(default_factory=dict)  # relative path -> grey 16x16 thumbnail
+
+    def thumbnails(self, items: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 16, 16) uint8 grey thumbnails and (n,) labels of ``items`` (for checks on the data)."""
+        found = [(rel, y) for rel, y in items if rel in self.thumbs]
+        x = np.frombuffer(b"".join(self.thumbs[r] for r, _ in found), np.uint8).reshape(-1, THUMB, THUMB)
+        return x, np.array([y for _, y in found], dtype=np.int64)
 
     def native_side(self) -> int:
         """Median shorter side of the images, in pixels."""
@@ -128,8 +136,16 @@ def shrink(img: Image.Image, side: int, interpolation: str = "bicubic") -> Image
     return img.resize(new, INTERPOLATION[interpolation])
 
 
+THUMB = 16  # side of the grey thumbnails a scan keeps of every image
+
+
+def thumbnail(img: Image.Image) -> bytes:
+    """A grey THUMB x THUMB thumbnail, squashed to a square (cheap: the scan keeps one per image)."""
+    return img.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR, reducing_gap=2.0).tobytes()
+
+
 def _decode(args: tuple[str, str, int, int | None, str]):
-    """Worker: (rel, hash, (w, h), image or None, error, note) for one file."""
+    """Worker: (rel, hash, (w, h), image or None, error, note, thumbnail) for one file."""
     root, rel, max_pixels, cache_side, interpolation = args
     path = Path(root) / rel
     try:
@@ -139,15 +155,15 @@ def _decode(args: tuple[str, str, int, int | None, str]):
         why = str(e).split(": ", 1)[-1]
         if path.suffix.lower() not in IMAGE_EXTENSIONS and why.startswith("not an image"):
             why = f"not an image file ({path.suffix or 'no extension'})"
-        return rel, None, None, None, why, None
+        return rel, None, None, None, why, None, None
     except OSError as e:
-        return rel, None, None, None, f"unreadable ({e.strerror or e})", None
+        return rel, None, None, None, f"unreadable ({e.strerror or e})", None, None
     size = img.size
     note = extension_note(path.name, fmt)
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         note = f"{fmt} image with the extension {path.suffix or '(none)'}"
     cached = shrink(img, cache_side, interpolation) if cache_side else None
-    return rel, digest, size, cached, None, note
+    return rel, digest, size, cached, None, note, thumbnail(img)
 
 
 @dataclass
@@ -225,7 +241,7 @@ def _decode_all(
     root: Path, rels: list[str], max_pixels: int, cache_side: int | None, interpolation: str, workers: int | None
 ):
     """Decode every file once, in worker processes for many files: (hashes, sizes, images or
-    None, [(rel, note or skip reason)]); a file with no hash was skipped for that reason."""
+    None, [(rel, note or skip reason)], thumbnails); a file with no hash was skipped for that reason."""
     jobs = [(str(root), rel, max_pixels, cache_side, interpolation) for rel in rels]
     workers = workers or min(8, usable_cpus())
     if workers > 1 and len(jobs) > 64:
@@ -233,17 +249,17 @@ def _decode_all(
             results = list(pool.map(_decode, jobs, chunksize=32))
     else:
         results = [_decode(j) for j in jobs]
-    hashes, sizes, images, said = {}, {}, ({} if cache_side else None), []
-    for rel, digest, size, img, err, note in results:
+    hashes, sizes, images, said, thumbs = {}, {}, ({} if cache_side else None), [], {}
+    for rel, digest, size, img, err, note, thumb in results:
         if err is not None:
             said.append((rel, err))
             continue
-        hashes[rel], sizes[rel] = digest, size
+        hashes[rel], sizes[rel], thumbs[rel] = digest, size, thumb
         if note:
             said.append((rel, note))
         if images is not None:
             images[rel] = img
-    return hashes, sizes, images, said
+    return hashes, sizes, images, said, thumbs
 
 
 # The scan's steps in their order (layout, files, decode, checks); each step is its own helper.
@@ -292,7 +308,7 @@ def scan_folder(
     if cache is None:
         cache = len(all_rel) * cache_side * cache_side * 3 <= CACHE_BUDGET_BYTES
     side = cache_side if cache else None
-    hashes, sizes, images, notes = _decode_all(root, all_rel, max_pixels, side, cache_interpolation, workers)
+    hashes, sizes, images, notes, thumbs = _decode_all(root, all_rel, max_pixels, side, cache_interpolation, workers)
     skipped += [(rel, why) for rel, why in notes if rel not in hashes]
     notes = [(rel, note) for rel, note in notes if rel in hashes]
     if strict and skipped:
@@ -307,7 +323,7 @@ def scan_folder(
     test = usable(held["test"]) if "test" in held else None
     _check_usable(classes, train, val, test, layout, min_per_class)
     return FolderScan(
-        root, classes, train, val, test, layout.description, skipped, notes, hashes, sizes, images, max_pixels
+        root, classes, train, val, test, layout.description, skipped, notes, hashes, sizes, images, max_pixels, thumbs
     )
 
 
