@@ -389,6 +389,7 @@ def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[st
         best_epoch=state.best_epoch,
         val_acc=round(state.best_acc, 4),
         weights=state.best_weights,
+        kept=state.kept,
         macro_f1=scores["macro"]["f1"],
         ece=scores["ece"],
         train_minutes=round((time.perf_counter() - t_start) / 60, 2),
@@ -400,8 +401,9 @@ def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[st
         {**run_config, "train": replace(trainer.cfg, epochs_fitted=fitted, ema_decay=state.ema_decay).to_dict(),
          "result": result}
     )  # fmt: skip
+    log(f"Kept the weights of {state.kept}")
     log(
-        f"Best validation accuracy {state.best_acc:.2%} at epoch {state.best_epoch} ({state.best_weights} "
+        f"Validation accuracy {state.best_acc:.2%} (epoch {state.best_epoch}, {state.best_weights} "
         f"weights); report in {run / 'report.md'}"
     )
     if test_ds is not None:
