@@ -7,7 +7,7 @@
     python train.py --eval MODEL.onnx --data OTHER_PATH       # ... for an exported file, as the app runs it
     torchrun --nproc_per_node 4 train.py --data PATH --out RUN_DIR   # several GPUs (or CPUs)
 
-RUN_DIR receives model.safetensors (best weights), config.json (model, labels in class
+RUN_DIR receives model.safetensors (the kept weights), config.json (model, labels in class
 order, preprocessing, resolved settings, result), metrics.csv, split.json, skipped.json,
 checkpoint.pt (resumable) and the report (report.md and PNGs; test/report.md for a
 held-out test/ folder). Settings are vit.config.TrainConfig's fields.
@@ -126,13 +126,15 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         values.update(time_budget=None, time_budget_note="off: --epochs was given without --time-budget")
     if values.get("time_budget") == 0:
         values["time_budget"] = None
-    if values.get("time_budget") and "epochs" not in flags:
-        values["epochs"] = recipe.BUDGET_MAX_EPOCHS  # the budget decides the length
+    if values.get("time_budget") and "epochs" not in flags and not args.pretrained:
+        values["epochs"] = recipe.BUDGET_MAX_EPOCHS  # from scratch, the budget decides the length
     if "hflip" not in flags and values["hflip"] > 0:
         check = recipe.mirror_check(*scan.thumbnails(train_items), seed=values.get("seed") or 0)
         if check.hurts:
             values["hflip"] = 0.0
         values["hflip_note"] = f"{'off' if check.hurts else 'on'}: {check.sentence()}"
+    elif "hflip" not in flags:
+        values["hflip_note"] = f"off: the recipe leaves it out for images of {recipe.GLYPH_SIDE} px or less (glyphs)"
     if values.get("layer_decay") == 1:
         values["layer_decay"] = None
     values["ema_decay_auto"] = values.get("ema_decay") is None
@@ -267,11 +269,14 @@ def new_run(args, device: str, world: int):
         raise DataError(f"{run} {STOPPED_EARLY}")
     prep, module = pretrained_preprocessing(args.pretrained, log) if args.pretrained else (None, None)
     cache = planned_cache(args, None, prep, device)
-    scan = scan_folder(args.data, args.strict, args.max_pixels or DEFAULT_MAX_PIXELS, args.cache, **cache)
+    scan = scan_folder(
+        args.data, args.strict, args.max_pixels or DEFAULT_MAX_PIXELS, args.cache, thumbs=args.hflip is None, **cache
+    )
     defaults = TrainConfig()
     val_fraction = args.val_fraction if args.val_fraction is not None else defaults.val_fraction
     split = split_train_val(scan, val_fraction, args.seed if args.seed is not None else defaults.seed)
     cfg = resolve(args, scan, split.train, device, prep, world)
+    scan.thumbs.clear()  # only the recipe's checks needed them
     torch.manual_seed(cfg.seed)
     return run, cfg, scan, split, build_model(cfg, scan.classes, module), False
 
@@ -365,7 +370,7 @@ def describe_start(model, cfg, device, world: int) -> None:
     )
     log("Settings: " + cfg.shown())
     if cfg.time_budget:
-        log(f"Time budget: {cfg.time_budget:g} min (--epochs {cfg.epochs} is an upper bound)")
+        log(f"Time budget: {cfg.time_budget:g} min (at most {cfg.epochs} epochs)")
     else:
         log(f"Time budget: {cfg.time_budget_note or 'off'}")
     if cfg.hflip_note:
@@ -373,7 +378,7 @@ def describe_start(model, cfg, device, world: int) -> None:
 
 
 def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[str], t_start: float) -> None:
-    """The best weights' validation report, the held-out test (if any), and the result in config.json."""
+    """The kept weights' validation report, the held-out test (if any), and the result in config.json."""
     from safetensors.torch import load_file
 
     from vit import report

@@ -213,8 +213,11 @@ def run_vit(root: Path, work: Path, budget_min: float, seed: int, flags: list[st
 
 
 def final_weights_test(run: Path, root: Path, cfg: dict) -> float:
-    """Test accuracy of the run's last weights (their EMA, if kept) instead of its chosen epoch:
-    what choosing by a small validation split costs or gains."""
+    """Test accuracy of the run's last weights (raw or EMA, whichever was better on validation
+    at the last epoch, as train.py compares them), whatever epoch the run kept: what choosing
+    an earlier epoch by the validation split costs or gains."""
+    import csv
+
     import torch
 
     from vit import ViT, ViTConfig
@@ -222,7 +225,13 @@ def final_weights_test(run: Path, root: Path, cfg: dict) -> float:
 
     ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     model = ViT(ViTConfig.from_dict(cfg["model"])).eval()
-    if ck["ema"] is not None:
+    with open(run / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    ema_better = last["ema_val_acc"] != "" and (float(last["ema_val_acc"]), -float(last["ema_val_loss"])) > (
+        float(last["val_acc"]),
+        -float(last["val_loss"]),
+    )
+    if ck["ema"] is not None and ema_better:
         weights = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k.startswith("module.")}
     else:
         weights = ck["model"]

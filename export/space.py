@@ -64,8 +64,8 @@ def results_lines(meta: dict, report: dict | None) -> list[str]:
         lines.append("")
     if acc:
         lines.append(
-            f"Validation accuracy {float(acc):.2%}. The validation split chose the kept epoch, the calibration "
-            'temperature and the "not sure" threshold, so it is an optimistic estimate'
+            f"Validation accuracy {float(acc):.2%}. The validation split helped choose the kept weights, and chose "
+            'the calibration temperature and the "not sure" threshold, so it is an optimistic estimate'
             + ("." if meta.get("test_accuracy") else "; the run had no test/ folder for an unbiased one.")
         )
     if report:

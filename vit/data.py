@@ -70,7 +70,7 @@ class FolderScan:
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # relative path -> (w, h)
     images: dict[str, Image.Image] | None = None  # decoded (and shrunk) images, if cached
     max_pixels: int = DEFAULT_MAX_PIXELS  # the decompression-bomb limit the scan used
-    thumbs: dict[str, bytes] = field(default_factory=dict)  # relative path -> grey 16x16 thumbnail
+    thumbs: dict[str, bytes] = field(default_factory=dict)  # relative path -> grey 16x16 thumbnail, if kept
 
     def thumbnails(self, items: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
         """(n, 16, 16) uint8 grey thumbnails and (n,) labels of ``items`` (for checks on the data)."""
@@ -144,9 +144,9 @@ def thumbnail(img: Image.Image) -> bytes:
     return img.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR, reducing_gap=2.0).tobytes()
 
 
-def _decode(args: tuple[str, str, int, int | None, str]):
-    """Worker: (rel, hash, (w, h), image or None, error, note, thumbnail) for one file."""
-    root, rel, max_pixels, cache_side, interpolation = args
+def _decode(args: tuple[str, str, int, int | None, str, bool]):
+    """Worker: (rel, hash, (w, h), image or None, error, note, thumbnail or None) for one file."""
+    root, rel, max_pixels, cache_side, interpolation, thumb = args
     path = Path(root) / rel
     try:
         img, fmt = decode_image(path, max_pixels=max_pixels)
@@ -163,7 +163,7 @@ def _decode(args: tuple[str, str, int, int | None, str]):
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         note = f"{fmt} image with the extension {path.suffix or '(none)'}"
     cached = shrink(img, cache_side, interpolation) if cache_side else None
-    return rel, digest, size, cached, None, note, thumbnail(img)
+    return rel, digest, size, cached, None, note, thumbnail(img) if thumb else None
 
 
 @dataclass
@@ -238,28 +238,36 @@ def _check_usable(classes, train, val, test, layout: Layout, min_per_class: int)
 
 
 def _decode_all(
-    root: Path, rels: list[str], max_pixels: int, cache_side: int | None, interpolation: str, workers: int | None
+    root: Path,
+    rels: list[str],
+    max_pixels: int,
+    cache_side: int | None,
+    interpolation: str,
+    workers: int | None,
+    thumbs: bool = False,
 ):
     """Decode every file once, in worker processes for many files: (hashes, sizes, images or
     None, [(rel, note or skip reason)], thumbnails); a file with no hash was skipped for that reason."""
-    jobs = [(str(root), rel, max_pixels, cache_side, interpolation) for rel in rels]
+    jobs = [(str(root), rel, max_pixels, cache_side, interpolation, thumbs) for rel in rels]
     workers = workers or min(8, usable_cpus())
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers, initializer=ignore_stop_signals) as pool:
             results = list(pool.map(_decode, jobs, chunksize=32))
     else:
         results = [_decode(j) for j in jobs]
-    hashes, sizes, images, said, thumbs = {}, {}, ({} if cache_side else None), [], {}
+    hashes, sizes, images, said, kept = {}, {}, ({} if cache_side else None), [], {}
     for rel, digest, size, img, err, note, thumb in results:
         if err is not None:
             said.append((rel, err))
             continue
-        hashes[rel], sizes[rel], thumbs[rel] = digest, size, thumb
+        hashes[rel], sizes[rel] = digest, size
+        if thumb is not None:
+            kept[rel] = thumb
         if note:
             said.append((rel, note))
         if images is not None:
             images[rel] = img
-    return hashes, sizes, images, said, thumbs
+    return hashes, sizes, images, said, kept
 
 
 # The scan's steps in their order (layout, files, decode, checks); each step is its own helper.
@@ -273,12 +281,14 @@ def scan_folder(
     min_per_class: int = 2,
     cache_side: int = 256,
     cache_interpolation: str = "bicubic",
+    thumbs: bool = False,
 ) -> FolderScan:
     """Find classes and images under ``root``, decode each once, and check the result.
 
     ``cache``: keep decoded images in memory (None: when they fit the memory budget), with
     their shorter side shrunk to ``cache_side`` with ``cache_interpolation`` (see
-    ``cache_side_for``).
+    ``cache_side_for``). ``thumbs``: keep a grey THUMB x THUMB thumbnail of every image too
+    (256 bytes each, for the recipe's checks on the data).
     Raises ``DataError`` for layouts training cannot use.
     """
     root = Path(root).expanduser().resolve()
@@ -308,7 +318,9 @@ def scan_folder(
     if cache is None:
         cache = len(all_rel) * cache_side * cache_side * 3 <= CACHE_BUDGET_BYTES
     side = cache_side if cache else None
-    hashes, sizes, images, notes, thumbs = _decode_all(root, all_rel, max_pixels, side, cache_interpolation, workers)
+    hashes, sizes, images, notes, thumbs = _decode_all(
+        root, all_rel, max_pixels, side, cache_interpolation, workers, thumbs
+    )
     skipped += [(rel, why) for rel, why in notes if rel not in hashes]
     notes = [(rel, note) for rel, note in notes if rel in hashes]
     if strict and skipped:

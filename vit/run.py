@@ -4,7 +4,7 @@
     RUN_DIR/split.json         the train / validation / test items: (path relative to the data root, class)
     RUN_DIR/skipped.json       files the scan skipped, and notes on files it used anyway
     RUN_DIR/checkpoint.pt      everything to resume
-    RUN_DIR/model.safetensors  the best weights (their config, labels and preprocessing in its metadata)
+    RUN_DIR/model.safetensors  the kept weights (their config, labels and preprocessing in its metadata)
     RUN_DIR/metrics.csv        one row per epoch
 
 train.py, ``--eval``, export and the Space builder all go through ``RunDir``. Every write is
@@ -137,7 +137,7 @@ class RunDir:
 
     # ----- the model -------------------------------------------------------------------
     def load_model(self):
-        """The run's ViT with its best weights, in eval mode."""
+        """The run's ViT with its kept weights, in eval mode."""
         from safetensors.torch import load_file
 
         from vit.model import ViT, ViTConfig
