@@ -328,6 +328,8 @@ def train(args) -> int:
         elif d.main:
             write_new_run(run, run_config, scan, split, cfg)
             describe_start(model, cfg, device, d.world)
+            if not cfg.pretrained and (note := little_data_note(split.train, scan.classes)):
+                log(f"note: {note}")
         try:
             state = trainer.fit(resumed)
         except Stop:
@@ -375,6 +377,21 @@ def describe_start(model, cfg, device, world: int) -> None:
         log(f"Time budget: {cfg.time_budget_note or 'off'}")
     if cfg.hflip_note:
         log(f"Horizontal flip: {cfg.hflip_note} (--hflip sets it)")
+
+
+def little_data_note(train_items: list, classes: list[str], enough: int = 50) -> str | None:
+    """What to expect when a class has few training images (Teachable Machine's territory)."""
+    from collections import Counter
+
+    counts = Counter(y for _, y in train_items)
+    fewest = min(counts.get(i, 0) for i in range(len(classes)))
+    if fewest >= enough:
+        return None
+    return (
+        f"{fewest} training images in the smallest class: from scratch, a ViT learns little from so few "
+        "(see the README's tiny-data table); fine-tuning pretrained weights (--pretrained NAME, downloaded "
+        "once) usually does much better"
+    )
 
 
 def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[str], t_start: float) -> None:

@@ -102,6 +102,14 @@ def test_train_leaves_the_flip_out_for_mirror_image_classes_unless_told(tmp_path
     else:
         assert t["hflip"] == 0.0 and t["hflip_note"].startswith("off: mirror images look like other classes")
         assert "Horizontal flip: off" in said and "--hflip sets it" in said
+    assert "training images in the smallest class: from scratch" in said and "--pretrained NAME" in said
+
+
+def test_the_little_data_note_names_the_smallest_class_and_is_quiet_with_enough():
+    items = [(f"a/{i}", 0) for i in range(80)] + [(f"b/{i}", 1) for i in range(12)]
+    assert train.little_data_note(items, ["a", "b"]).startswith("12 training images in the smallest class")
+    assert train.little_data_note(items, ["a", "b", "c"]).startswith("0 training images")
+    assert train.little_data_note(items + [(f"b/x{i}", 1) for i in range(38)], ["a", "b"]) is None
 
 
 def test_train_keeps_the_flip_for_classes_mirrors_do_not_change(tmp_path):
@@ -170,3 +178,15 @@ def test_a_best_last_epoch_and_an_old_checkpoint_keep_what_they_have():
     assert state.best_epoch == 50 and saved == [] and "the best on validation" in state.kept
     state, saved = settled(None, 30, {"raw": dict(correct=answers(150), loss=0.3)})  # no per-image answers
     assert state.best_epoch == 30 and saved == [] and state.kept == "epoch 30 (raw weights), the best on validation"
+
+
+def test_a_small_tilt_is_not_enough_to_drop_the_flip():
+    """Adding any images breaks a few right answers: a tilt must be significant and twofold."""
+    from vit.recipe import MirrorCheck, sign_test
+
+    tilt = MirrorCheck(800, 19, 11, sign_test(19, 30))  # crops of two photos
+    assert not tilt.hurts and tilt.sentence().startswith("no clear sign")
+    big = MirrorCheck(8000, 190, 110, sign_test(190, 300))  # the same tilt, ten times the images
+    assert big.p < 1e-5 and not big.hurts
+    letters = MirrorCheck(1560, 35, 10, sign_test(35, 45))
+    assert letters.hurts and letters.sentence().startswith("mirror images look like other classes")
