@@ -8,7 +8,9 @@ several seeds, each scored on a test split that no method uses for any choice.
 For each dataset and seed: a fresh train/test split is written as an image folder (train/
 and test/); then, with the same wall-clock budget each,
   vit      python train.py --data DIR --out RUN --time-budget B --seed S (nothing else: the
-           recipe decides); scored on test/ by train.py itself, which never used it;
+           recipe decides); scored on test/ by train.py itself, which never used it; and,
+           as a diagnostic of the end-of-run choice, the run's last weights on test/ too
+           (final_test_acc: raw or EMA, the better on validation at the last epoch);
   cnn      timm's resnet18 from scratch with an ordinary recipe (AdamW, cosine, label
            smoothing 0.1, small random affine augmentation), the final weights;
   timm-vit timm's VisionTransformer (ViT-Ti width, patch = side / 8) from scratch with the
