@@ -159,15 +159,16 @@ def test_a_saturated_validation_split_keeps_the_last_weights():
         raw, ema = answers(20 - wrong, 20), answers(20 - wrong, 20, shift=5)
         last = {"raw": dict(correct=raw, loss=0.4), "ema": dict(correct=ema, loss=0.5)}
         state, saved = settled(answers(20, 20), 22, last)
-        assert state.best_epoch == 50 and saved == ["raw"], state.kept
-        assert state.kept.startswith("the last epoch, as good within noise") and f"got {wrong} right" in state.kept
+        assert state.best_epoch == 50 and saved == ["ema"], state.kept  # the averaged weights
+        assert state.kept.startswith("the last epoch (ema weights), as good within noise")
+        assert f"got {wrong} right" in state.kept
 
 
 def test_an_earlier_epoch_is_kept_only_when_clearly_better_on_the_same_images():
     # the same 190 of 200 right, and 5 more: 5 to 0 disagreements (p = 1/32)
     state, saved = settled(answers(195), 30, {"raw": dict(correct=answers(190), loss=0.3)})
     assert state.best_epoch == 30 and saved == [] and state.best_acc == pytest.approx(0.975)
-    assert state.kept.startswith("epoch 30, clearly better on validation") and "p=0.031" in state.kept
+    assert state.kept.startswith("epoch 30 (raw weights), clearly better on validation") and "p=0.031" in state.kept
     # the same accuracies on different images: 10 to 5 disagreements is no evidence (p = 0.15)
     state, saved = settled(answers(195), 30, {"raw": dict(correct=answers(190, shift=5), loss=0.3)})
     assert state.best_epoch == 50 and saved == ["raw"] and state.best_acc == pytest.approx(0.95)
@@ -175,7 +176,7 @@ def test_an_earlier_epoch_is_kept_only_when_clearly_better_on_the_same_images():
 
 def test_a_best_last_epoch_and_an_old_checkpoint_keep_what_they_have():
     state, saved = settled(answers(180), 50, {"raw": dict(correct=answers(180), loss=0.3)})
-    assert state.best_epoch == 50 and saved == [] and "the best on validation" in state.kept
+    assert state.best_epoch == 50 and saved == [] and "also the best on validation" in state.kept
     state, saved = settled(None, 30, {"raw": dict(correct=answers(150), loss=0.3)})  # no per-image answers
     assert state.best_epoch == 30 and saved == [] and state.kept == "epoch 30 (raw weights), the best on validation"
 
@@ -190,3 +191,13 @@ def test_a_small_tilt_is_not_enough_to_drop_the_flip():
     assert big.p < 1e-5 and not big.hurts
     letters = MirrorCheck(1560, 35, 10, sign_test(35, 45))
     assert letters.hurts and letters.sentence().startswith("mirror images look like other classes")
+
+
+def test_the_averaged_weights_win_over_the_raw_ones_unless_clearly_worse():
+    """The best on validation was the last epoch's raw weights, by two images: the EMA stays."""
+    last = {"raw": dict(correct=answers(198), loss=0.3), "ema": dict(correct=answers(196), loss=0.3)}
+    state, saved = settled(answers(198), 50, last)
+    assert state.best_weights == "ema" and saved == ["ema"] and "as good within noise" in state.kept
+    last = {"raw": dict(correct=answers(200), loss=0.3), "ema": dict(correct=answers(190), loss=0.3)}
+    state, saved = settled(answers(200), 50, last)
+    assert state.best_weights == "raw" and saved == [] and "clearly better" in state.kept

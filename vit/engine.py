@@ -471,34 +471,36 @@ class Trainer:
         return True
 
     def settle(self, scores: dict) -> None:
-        """At the end of the run: keep the last epoch's weights (the better of raw and EMA),
-        unless an earlier epoch was clearly better on the same validation images: a one-sided
-        sign test at 5% on the images where the two disagree. A small validation split drawn
-        from the training folder soon reaches 100% and then cannot tell epochs apart, while
-        the images a model meets later (new fonts, new writers) still gain from the rest of the
-        schedule: on letters in fonts not in training, the last weights scored 99.42% against
-        the best-validation epoch's 98.46% (benchmarks/learning_5min_bestval_cpu.json)."""
+        """At the end of the run: keep the last epoch's averaged (EMA) weights, or its raw ones
+        without an EMA, unless other weights were clearly better on the same validation images:
+        a one-sided sign test at 5% on the images where the two disagree. A small validation
+        split drawn from the training folder soon reaches 100% and then cannot tell epochs (or
+        raw from averaged weights) apart, while the images a model meets later (new fonts, new
+        writers) still gain from the rest of the schedule: on letters in fonts not in training,
+        the last EMA weights scored 99.42% against the best-validation epoch's 98.46%
+        (benchmarks/learning_5min_bestval_cpu.json)."""
         s = self.state
-        name = max(scores, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
+        name = "ema" if "ema" in scores else "raw"
         last = scores[name]
-        if s.best_epoch == s.epoch:
-            s.kept = f"the last epoch ({s.best_weights} weights), the best on validation"
+        if s.best_epoch == s.epoch and s.best_weights == name:
+            s.kept = f"the last epoch ({name} weights), also the best on validation"
             return
         if s.best_correct is None:  # resumed from a checkpoint of an earlier version
             s.kept = f"epoch {s.best_epoch} ({s.best_weights} weights), the best on validation"
             return
-        earlier_right = int((s.best_correct & ~last["correct"]).sum())
-        later_right = int((~s.best_correct & last["correct"]).sum())
-        p = sign_test(earlier_right, earlier_right + later_right)
+        other_right = int((s.best_correct & ~last["correct"]).sum())
+        last_right = int((~s.best_correct & last["correct"]).sum())
+        p = sign_test(other_right, other_right + last_right)
         said = (
-            f"of the validation images the two disagree on, epoch {s.best_epoch} ({s.best_weights} weights, "
-            f"{s.best_acc:.1%}) got {earlier_right} right and the last epoch ({name} weights, {last['acc']:.1%}) "
-            f"{later_right}"
+            f"of the validation images the two disagree on, epoch {s.best_epoch}'s {s.best_weights} weights "
+            f"({s.best_acc:.1%}) got {other_right} right and the last epoch's {name} weights ({last['acc']:.1%}) "
+            f"{last_right}"
         )
-        if earlier_right > later_right and p < 0.05:
-            s.kept = f"epoch {s.best_epoch}, clearly better on validation: {said} (sign test p={p:.2g})"
+        if other_right > last_right and p < 0.05:
+            s.kept = f"epoch {s.best_epoch} ({s.best_weights} weights), clearly better on validation: {said}"
+            s.kept += f" (sign test p={p:.2g})"
             return
-        s.kept = f"the last epoch, as good within noise: {said}"
+        s.kept = f"the last epoch ({name} weights), as good within noise: {said}"
         s.best_acc, s.best_loss, s.best_epoch, s.best_weights = last["acc"], last["loss"], s.epoch, name
         s.best_correct = last["correct"]
         if self.d.main:
