@@ -9,8 +9,8 @@ For each dataset and seed: a fresh train/test split is written as an image folde
 and test/); then, with the same wall-clock budget each,
   vit      python train.py --data DIR --out RUN --time-budget B --seed S (nothing else: the
            recipe decides); scored on test/ by train.py itself, which never used it; and,
-           as a diagnostic of the end-of-run choice, the run's last weights on test/ too
-           (final_test_acc: raw or EMA, the better on validation at the last epoch);
+           as a diagnostic of the end-of-run choice, the run's last EMA weights on test/ too
+           (final_test_acc);
   cnn      timm's resnet18 from scratch with an ordinary recipe (AdamW, cosine, label
            smoothing 0.1, small random affine augmentation), the final weights;
   timm-vit timm's VisionTransformer (ViT-Ti width, patch = side / 8) from scratch with the
@@ -215,11 +215,9 @@ def run_vit(root: Path, work: Path, budget_min: float, seed: int, flags: list[st
 
 
 def final_weights_test(run: Path, root: Path, cfg: dict) -> float:
-    """Test accuracy of the run's last weights (raw or EMA, whichever was better on validation
-    at the last epoch, as train.py compares them), whatever epoch the run kept: what choosing
-    an earlier epoch by the validation split costs or gains."""
-    import csv
-
+    """Test accuracy of the run's last EMA weights (its last raw ones without an EMA), whatever
+    the run kept: what keeping other weights at the end (train.py's Trainer.settle) costs or
+    gains."""
     import torch
 
     from vit import ViT, ViTConfig
@@ -227,13 +225,7 @@ def final_weights_test(run: Path, root: Path, cfg: dict) -> float:
 
     ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     model = ViT(ViTConfig.from_dict(cfg["model"])).eval()
-    with open(run / "metrics.csv") as f:
-        last = list(csv.DictReader(f))[-1]
-    ema_better = last["ema_val_acc"] != "" and (float(last["ema_val_acc"]), -float(last["ema_val_loss"])) > (
-        float(last["val_acc"]),
-        -float(last["val_loss"]),
-    )
-    if ck["ema"] is not None and ema_better:
+    if ck["ema"] is not None:
         weights = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k.startswith("module.")}
     else:
         weights = ck["model"]

@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(data=name, seed=seed, checked=c.checked, worse=c.worse, better=c.better,
                              p=float(f"{c.p:.3g}"), flip="off" if c.hurts else "on", ms=round(ms, 1)))  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    a.out.write_text(json.dumps({"command": "python benchmarks/mirror_check.py", "rows": rows}, indent=1) + "\n")
+    from vit.bench import machine
+
+    doc = {"command": "python benchmarks/mirror_check.py", "machine": machine(), "rows": rows}
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
     print("| data | seed | images | worse with mirrors | better | p | flip |\n|---|---|---|---|---|---|---|")
     for r in rows:
         cells = (r["data"], r["seed"], r["checked"], r["worse"], r["better"], f"{r['p']:.2g}", r["flip"])

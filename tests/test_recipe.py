@@ -136,7 +136,7 @@ def answers(right: int, n: int = 200, shift: int = 0) -> torch.Tensor:
     return c
 
 
-def settled(best: torch.Tensor | None, best_epoch: int, last: dict, epoch: int = 50):
+def settled(best: torch.Tensor | None, best_epoch: int, last: dict, epoch: int = 50, steps: int = 10_000):
     """Trainer.settle on a stand-in trainer: what it keeps, and whether it wrote weights."""
     from types import SimpleNamespace
 
@@ -146,6 +146,7 @@ def settled(best: torch.Tensor | None, best_epoch: int, last: dict, epoch: int =
         v["acc"] = v["correct"].float().mean().item()
     acc = best.float().mean().item() if best is not None else 0.99
     state = State(epoch=epoch, best_acc=acc, best_loss=0.3, best_epoch=best_epoch, best_weights="raw")
+    state.global_step, state.ema_decay = steps, 0.999  # an EMA of 10,000 steps, horizon 1,000
     state.best_correct = best
     saved = []
     t = SimpleNamespace(state=state, d=SimpleNamespace(main=True), save_best=saved.append)
@@ -201,3 +202,8 @@ def test_the_averaged_weights_win_over_the_raw_ones_unless_clearly_worse():
     last = {"raw": dict(correct=answers(200), loss=0.3), "ema": dict(correct=answers(190), loss=0.3)}
     state, saved = settled(answers(200), 50, last)
     assert state.best_weights == "raw" and saved == [] and "clearly better" in state.kept
+
+    # after 2,000 steps at decay 0.999 the EMA still holds 14% of its first weights: the better wins
+    last = {"raw": dict(correct=answers(198), loss=0.3), "ema": dict(correct=answers(196), loss=0.3)}
+    state, saved = settled(answers(198), 50, last, steps=2_000)
+    assert state.best_weights == "raw" and saved == [] and "also the best on validation" in state.kept

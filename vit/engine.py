@@ -271,10 +271,11 @@ class Trainer:
             self.ema.multi_avg_fn = get_ema_multi_avg_fn(s.ema_decay)
         if self.d.main:
             capped = ""
-            if epochs == self.budget.max_epochs and epochs * per_epoch < 0.9 * self.budget.seconds:
+            ends = time.perf_counter() - self.started + (epochs - s.epoch) * per_epoch
+            if epochs == self.budget.max_epochs and ends < 0.9 * self.budget.seconds:
                 capped = (
-                    f"; {epochs} is the cap, so the run ends after about {epochs * per_epoch / 60:.1f} min "
-                    "(pass --epochs N for a longer schedule)"
+                    f"; {epochs} is the cap, so the run should end after about {ends / 60:.1f} min "
+                    "(--epochs N with --time-budget sets a longer cap)"
                 )
             self.log(
                 f"Time budget {self.budget.seconds / 60:g} min: about {per_epoch:.1f}s per epoch, so {epochs} "
@@ -381,7 +382,7 @@ class Trainer:
             share = len(self.val_ds) / max(len(self.train_ds), 1)
             elapsed = time.perf_counter() - self.started
             self.set_total_epochs(self.budget.first_estimate(step, self.steps_per_epoch, share, elapsed),
-                                  step * self.steps_per_epoch)  # fmt: skip
+                                  step * self.steps_per_epoch * (1 + 0.35 * share))  # fmt: skip
 
     def train_epoch(self) -> dict:
         """The rest of the current epoch (all of it, unless resuming mid-epoch); raises ``Stop``
@@ -471,8 +472,10 @@ class Trainer:
         return True
 
     def settle(self, scores: dict) -> None:
-        """At the end of the run: keep the last epoch's averaged (EMA) weights, or its raw ones
-        without an EMA, unless other weights were clearly better on the same validation images:
+        """At the end of the run: keep the last epoch's averaged (EMA) weights (its raw ones
+        without an EMA, or the better of the two on validation when the EMA has averaged too
+        few steps to have left the first weights behind), unless other weights were clearly
+        better on the same validation images:
         a one-sided sign test at 5% on the images where the two disagree. A small validation
         split drawn from the training folder soon reaches 100% and then cannot tell epochs (or
         raw from averaged weights) apart, while the images a model meets later (new fonts, new
@@ -481,6 +484,9 @@ class Trainer:
         (benchmarks/learning_5min_bestval_cpu.json)."""
         s = self.state
         name = "ema" if "ema" in scores else "raw"
+        if name == "ema" and s.global_step < 3 / (1 - (s.ema_decay or 0.0)):
+            # an EMA of too few steps is still mostly the first weights: the better of the two
+            name = max(scores, key=lambda k: (scores[k]["acc"], -scores[k]["loss"], k == "ema"))
         last = scores[name]
         if s.best_epoch == s.epoch and s.best_weights == name:
             s.kept = f"the last epoch ({name} weights), also the best on validation"
