@@ -136,7 +136,7 @@ def shrink(img: Image.Image, side: int, interpolation: str = "bicubic") -> Image
     return img.resize(new, INTERPOLATION[interpolation])
 
 
-THUMB = 16  # side of the grey thumbnails a scan keeps of every image
+THUMB = 16  # side of the grey thumbnails a scan keeps when asked (scan_folder(thumbs=True))
 
 
 def thumbnail(img: Image.Image) -> bytes:
