@@ -16,10 +16,15 @@ class TimeBudget:
     max_epochs: int  # never more than this, however much time is left
     epoch_seconds: list[float] = field(default_factory=list)  # measured whole epochs, validation included
 
+    @staticmethod
+    def epoch_guess(step_seconds: float, steps_per_epoch: int, val_share: float) -> float:
+        """Seconds per epoch from the first few training steps. Validation is guessed at 35% of
+        a training pass over as many images (``val_share`` = val images / train images)."""
+        return step_seconds * steps_per_epoch * (1 + 0.35 * val_share)
+
     def first_estimate(self, step_seconds: float, steps_per_epoch: int, val_share: float, elapsed: float) -> int:
-        """Epochs that fit, from the first few training steps. Validation is guessed at 35% of a
-        training pass over as many images (``val_share`` = val images / train images)."""
-        per_epoch = step_seconds * steps_per_epoch * (1 + 0.35 * val_share)
+        """Epochs that fit, from the first few training steps (``epoch_guess``)."""
+        per_epoch = self.epoch_guess(step_seconds, steps_per_epoch, val_share)
         return max(1, min(self.max_epochs, int((self.seconds - elapsed) / max(per_epoch, 1e-9))))
 
     def after_epoch(self, epoch_seconds: float, done: int, planned: int, elapsed: float) -> int:

@@ -104,6 +104,11 @@ def ema_decay_for(steps: int) -> float:
     return round(min(0.9998, max(0.99, 1 - 20 / max(steps, 1))), 5)
 
 
+def rank(score: dict) -> tuple[float, float]:
+    """How validation scores compare: accuracy, then loss."""
+    return score["acc"], -score["loss"]
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine down to ``min_ratio``."""
     if step < warmup:
@@ -382,7 +387,7 @@ class Trainer:
             share = len(self.val_ds) / max(len(self.train_ds), 1)
             elapsed = time.perf_counter() - self.started
             self.set_total_epochs(self.budget.first_estimate(step, self.steps_per_epoch, share, elapsed),
-                                  step * self.steps_per_epoch * (1 + 0.35 * share))  # fmt: skip
+                                  self.budget.epoch_guess(step, self.steps_per_epoch, share))  # fmt: skip
 
     def train_epoch(self) -> dict:
         """The rest of the current epoch (all of it, unless resuming mid-epoch); raises ``Stop``
@@ -461,9 +466,9 @@ class Trainer:
     def select(self, scores: dict) -> bool:
         """Keep the better of raw and EMA if it beats every earlier epoch (accuracy, then loss)."""
         s = self.state
-        name = max(scores, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
+        name = max(scores, key=lambda k: rank(scores[k]))
         best = scores[name]
-        if (best["acc"], -best["loss"]) <= (s.best_acc, -s.best_loss):
+        if rank(best) <= (s.best_acc, -s.best_loss):
             return False
         s.best_acc, s.best_loss, s.best_epoch, s.best_weights = best["acc"], best["loss"], s.epoch + 1, name
         s.best_correct = best["correct"]
@@ -475,18 +480,17 @@ class Trainer:
         """At the end of the run: keep the last epoch's averaged (EMA) weights (its raw ones
         without an EMA, or the better of the two on validation when the EMA has averaged too
         few steps to have left the first weights behind), unless other weights were clearly
-        better on the same validation images:
-        a one-sided sign test at 5% on the images where the two disagree. A small validation
-        split drawn from the training folder soon reaches 100% and then cannot tell epochs (or
-        raw from averaged weights) apart, while the images a model meets later (new fonts, new
-        writers) still gain from the rest of the schedule: on letters in fonts not in training,
-        the last EMA weights scored 99.42% against the best-validation epoch's 98.46%
-        (benchmarks/learning_5min_bestval_cpu.json)."""
+        better on the same validation images (a one-sided sign test at 5% on the images where
+        the two disagree). A small validation split drawn from the training folder soon
+        reaches 100% and then cannot tell epochs (or raw from averaged weights) apart, while
+        the images a model meets later (new fonts, new writers) still gain from the rest of
+        the schedule: on letters in fonts not in training, the last EMA weights scored 99.42%
+        against the best-validation epoch's 98.46% (benchmarks/learning_5min_bestval_cpu.json)."""
         s = self.state
         name = "ema" if "ema" in scores else "raw"
         if name == "ema" and s.global_step < 3 / (1 - (s.ema_decay or 0.0)):
             # an EMA of too few steps is still mostly the first weights: the better of the two
-            name = max(scores, key=lambda k: (scores[k]["acc"], -scores[k]["loss"], k == "ema"))
+            name = max(scores, key=lambda k: (*rank(scores[k]), k == "ema"))
         last = scores[name]
         if s.best_epoch == s.epoch and s.best_weights == name:
             s.kept = f"the last epoch ({name} weights), also the best on validation"
