@@ -118,7 +118,31 @@ def export_module(module: nn.Module, example: torch.Tensor, output_names: list[s
             optimize=True,
             verbose=False,
         )
-    return program.model_proto
+    return without_trace(program.model_proto)
+
+
+def without_trace(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without the exporter's per-node notes (the Python stack trace, module names and
+    FX node of every operator): they name folders of the machine that exported the file, which
+    a shared model should not carry, and are a tenth of a small model's bytes. The model's
+    own metadata (labels, preprocessing, ...) is kept."""
+
+    def graphs(g: onnx.GraphProto):
+        yield g
+        for node in g.node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from graphs(sub)
+
+    nodes = [n for g in graphs(proto.graph) for n in g.node]
+    nodes += [n for f in proto.functions for n in f.node]
+    for g in graphs(proto.graph):
+        for v in [*g.initializer, *g.input, *g.output, *g.value_info]:
+            del v.metadata_props[:]
+    for n in nodes:
+        del n.metadata_props[:]
+        n.doc_string = ""
+    return proto
 
 
 def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:

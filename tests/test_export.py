@@ -35,6 +35,20 @@ def test_file_is_checked_self_contained_and_self_describing(exported, run_dir):
     assert result["fp32"]["max_abs_logit_diff"] <= 1e-4
 
 
+def test_files_name_no_folder_of_the_machine_that_made_them(exported):
+    """The exporter notes each operator's Python stack trace, with this machine's folders: a
+    shared model must not carry them (nor the int8 twin made from it)."""
+    path, _ = exported
+    files = sorted(path.parent.glob("*.onnx"))
+    assert files
+    for f in files:
+        data = f.read_bytes()
+        assert str(ROOT).encode() not in data and sys.prefix.encode() not in data, f.name
+        proto = onnx.load(str(f))
+        assert not any(n.metadata_props or n.doc_string for n in proto.graph.node), f.name
+        assert {p.key for p in proto.metadata_props} >= {"labels", "weights_sha256"}
+
+
 def test_runtime_reads_metadata_and_batches(exported, shapes_dir):
     path, _ = exported
     clf = Classifier(path)
