@@ -419,18 +419,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "learning")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    from vit.bench import machine
+    from vit.bench import command_line, machine
 
     out = a.out or ROOT / "benchmarks" / f"learning_{a.budget:g}min_cpu.json"
     doc = json.loads(out.read_text()) if out.exists() else {"results": {}, "summary": {}}
-    doc.update(
-        machine=machine(),
-        command="python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        budget_minutes=a.budget,
-        vit_flags=a.vit_flags,
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--work" in argv:  # scratch space: where it was is nobody's business, and changes nothing
+        del argv[argv.index("--work") : argv.index("--work") + 2]
+    command = command_line("python benchmarks/learning.py", argv)
+    doc.update(machine=machine(), command=command, budget_minutes=a.budget, vit_flags=a.vit_flags)
     for name in a.only or list(DATASETS):
         key = name if not a.per_class else f"{name}, {a.per_class} per class"
+        doc.setdefault("commands", {})[key] = command  # a file merges runs of several commands
         print(f"== {key}", flush=True)
         flags = a.vit_flags.split()
         runs = [one_split(name, seed, a.work, a.budget, a.per_class, a.methods, flags) for seed in range(a.seeds)]

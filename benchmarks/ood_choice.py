@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.ood import auroc, digits, letters, photos, synthetic  # noqa: E402
 from export.ood import KEEP, conformal_threshold, fit_gaussian  # noqa: E402
+from vit.bench import portable  # noqa: E402
 from vit.imageio import Preprocessing, open_image  # noqa: E402
 from vit.run import RunDir  # noqa: E402
 from vit.runtime import softmax  # noqa: E402
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         "maha-fcnorm": (lambda s: lambda g: s(g["head"]))(mahalanobis(f["train"]["head"], ytr, k)),
         "maha-all": (lambda s: lambda g: s(every(g)))(mahalanobis(every(f["train"]), ytr, k)),
     }  # fmt: skip
-    doc = dict(run=str(a.run), fit_images=len(ytr), keep=KEEP, command="python benchmarks/ood_choice.py", results={})
+    doc = dict(
+        run=portable(str(a.run)), fit_images=len(ytr), keep=KEEP, command="python benchmarks/ood_choice.py", results={}
+    )
     for name, score in candidates.items():
         threshold = conformal_threshold(score(f["val"]), KEEP)
         test = score(f["test"])

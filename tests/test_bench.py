@@ -2,6 +2,7 @@
 
 import json
 
+from tests.conftest import ROOT
 from vit.bench import main, train_flops_per_image
 from vit.model import ViTConfig
 
@@ -41,3 +42,34 @@ def test_train_flops_match_the_usual_estimate():
     # which is what makes 3,462 img/s on a 989 TFLOPS card the 37% MFU that timm's numbers imply.
     flops = train_flops_per_image(ViTConfig.preset("B/16"))
     assert 104e9 < flops < 107e9
+
+
+def test_results_files_name_no_folder_of_this_machine():
+    """A results file says how to reproduce it, not where it was made: commands are quoted and
+    their paths made relative to the project (or reduced to a file name), in new files and
+    in every committed one."""
+    import re
+
+    from vit.bench import command_line
+
+    line = command_line("python x.py", ["--flags", "--augment affine", "--out", str(ROOT / "benchmarks" / "a.json")])
+    assert line == "python x.py --flags '--augment affine' --out benchmarks/a.json"
+    assert command_line("python x.py", ["--out", "/somewhere/else/b.json"]) == "python x.py --out b.json"
+
+    def strings(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                yield k
+                yield from strings(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from strings(v)
+        elif isinstance(o, str):
+            yield o
+
+    absolute = re.compile(r"(^|[\s'\"=])(/[A-Za-z]|[A-Za-z]:\\)")
+    files = sorted((ROOT / "benchmarks").glob("*.json"))
+    assert files
+    for f in files:
+        found = [s for s in strings(json.loads(f.read_text())) if absolute.search(s)]
+        assert not found, f"{f.name}: {found[:3]}"

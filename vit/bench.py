@@ -32,6 +32,26 @@ from vit.model import ViTConfig
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L40S": 362.0}
 
 
+def portable(arg: str) -> str:
+    """``arg`` with no path of this machine in it: a path inside the project relative to it,
+    another absolute path as its file name, anything else as it is."""
+    path = Path(arg)
+    if not path.is_absolute():
+        return arg
+    try:
+        return path.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    except ValueError:
+        return path.name
+
+
+def command_line(prog: str, argv: list[str]) -> str:
+    """The command as a user would type it, for a results file: quoted, and ``portable``, so the
+    file says how to reproduce it and nothing about where it was made."""
+    import shlex
+
+    return " ".join([prog, *(shlex.quote(portable(a)) for a in argv)])
+
+
 def machine() -> dict:
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
@@ -177,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         precision="bf16 autocast" if device.type == "cuda" else "fp32",
         machine=machine(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command="python -m vit.bench " + " ".join(args.argv),
+        command=command_line("python -m vit.bench", args.argv),
         params={"ours": ours.num_params(), "timm": sum(p.numel() for p in ref.parameters())},
         max_abs_logit_diff=max_diff,
         modes={},
