@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import train
 from tests.conftest import TINY_MODEL
 from vit.data import THUMB, thumbnail
-from vit.recipe import mirror_check
+from vit.recipe import input_size_for, mirror_check, scratch_recipe
 
 
 def hook(rng: np.random.Generator, size: int = 32) -> Image.Image:
@@ -207,3 +207,23 @@ def test_the_averaged_weights_win_over_the_raw_ones_unless_clearly_worse():
     last = {"raw": dict(correct=answers(198), loss=0.3), "ema": dict(correct=answers(196), loss=0.3)}
     state, saved = settled(answers(198), 50, last, steps=2_000)
     assert state.best_weights == "raw" and saved == [] and "also the best on validation" in state.kept
+
+
+@pytest.mark.parametrize(
+    "native, device, want",
+    [
+        (8, "cpu", (8, 2)),  # glyphs: 4x4 everywhere
+        (20, "cuda", (16, 4)),
+        (32, "cpu", (32, 8)),  # small images on a CPU: 4x4 tokens, more epochs in the budget
+        (64, "cpu", (64, 16)),
+        (32, "cuda", (32, 4)),  # on a GPU: 8x8
+        (64, "cuda", (64, 8)),
+        (500, "cpu", (128, 16)),  # large images: the paper's 16-pixel patches
+        (500, "cuda", (224, 16)),
+    ],
+)
+def test_the_token_grid_follows_the_image_size_and_the_device(native, device, want):
+    assert input_size_for(native, device) == want
+    recipe = scratch_recipe(1500, native, device)
+    size, patch = recipe["image_size"], recipe["patch_size"]
+    assert (size, patch) == want and size % patch == 0 and (patch & (patch - 1)) == 0  # the conv stem halves
