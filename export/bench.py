@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 
 from export.onnx_export import export_module, ort_session, quantize_int8, save_proto, to_onnx
 from vit import files
-from vit.bench import machine
+from vit.bench import command_line, machine
 from vit.convert import from_timm, timm_kwargs
 from vit.cpus import usable_cpus
 from vit.model import ViTConfig
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch=1,
         image_size=224,
         runs=a.runs,
-        command="python -m export.bench " + " ".join(argv or []),
+        command=command_line("python -m export.bench", sys.argv[1:] if argv is None else argv),
         results={},
     )
     for variant in a.models.split(","):

@@ -122,10 +122,10 @@ def export_module(module: nn.Module, example: torch.Tensor, output_names: list[s
 
 
 def without_trace(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` without the exporter's per-node notes (the Python stack trace, module names and
-    FX node of every operator): they name folders of the machine that exported the file, which
-    a shared model should not carry, and are a tenth of a small model's bytes. The model's
-    own metadata (labels, preprocessing, ...) is kept."""
+    """``proto`` without the exporter's notes: every operator's Python stack trace, module
+    names and FX node, and the exported program's signature. The traces name folders of the
+    machine that exported the file, which a shared model should not carry, and the notes are
+    4% of the demo model's bytes. The model's own metadata (labels, preprocessing, ...) is kept."""
 
     def graphs(g: onnx.GraphProto):
         yield g
@@ -134,14 +134,26 @@ def without_trace(proto: onnx.ModelProto) -> onnx.ModelProto:
                 for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     yield from graphs(sub)
 
-    nodes = [n for g in graphs(proto.graph) for n in g.node]
-    nodes += [n for f in proto.functions for n in f.node]
-    for g in graphs(proto.graph):
+    every = list(graphs(proto.graph))
+    for f in proto.functions:
+        del f.metadata_props[:]
+        f.doc_string = ""
+        for node in f.node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    every += graphs(sub)
+        for n in f.node:
+            del n.metadata_props[:]
+            n.doc_string = ""
+    for g in every:
+        del g.metadata_props[:]
+        g.doc_string = ""
         for v in [*g.initializer, *g.input, *g.output, *g.value_info]:
             del v.metadata_props[:]
-    for n in nodes:
-        del n.metadata_props[:]
-        n.doc_string = ""
+        for n in g.node:
+            del n.metadata_props[:]
+            n.doc_string = ""
+    proto.doc_string = ""
     return proto
 
 
@@ -163,6 +175,14 @@ def file_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def portable_name(source: str) -> str:
+    """What the weights were fine-tuned from, without a folder of the machine that trained
+    them: a file's name (whether or not it is still there), or a timm name as it is."""
+    if source.startswith("hf-hub:") or not ("/" in source or "\\" in source or Path(source).exists()):
+        return source
+    return Path(source.replace("\\", "/")).name
+
+
 def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
     """Everything a reader of the file needs, as strings (JSON where structured)."""
     result = run.get("result", {})
@@ -171,9 +191,7 @@ def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
         "labels": json.dumps(run["labels"]),
         **Preprocessing.from_dict(run["preprocessing"]).metadata(),
         "model_config": json.dumps(run["model"]),
-        "initialization": f"fine-tuned from {Path(source).name if Path(source).exists() else source}"
-        if source
-        else "trained from scratch",
+        "initialization": f"fine-tuned from {portable_name(source)}" if source else "trained from scratch",
         "train_images": str(run.get("data", {}).get("train_images", "")),
         "val_accuracy": str(result.get("val_acc", "")),
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),

@@ -156,7 +156,15 @@ def stage_model(
     ``export --int8``, or an .onnx file's ``.int8.onnx`` twin: either exists only if it passed
     its accuracy gate). ``canvas``: offer a drawing pad; a run's earlier export carries it too.
     """
-    from export.onnx_export import ExportError, export_run, file_metadata, int8_path, set_metadata
+    from export.onnx_export import (
+        ExportError,
+        export_run,
+        file_metadata,
+        int8_path,
+        save_proto,
+        set_metadata,
+        without_trace,
+    )
 
     source = Path(source)
     if not source.exists():
@@ -190,13 +198,12 @@ def stage_model(
     use = twin if (int8 is not False and not quantized and twin.is_file()) else source
     if use is twin:
         log(f"serving {twin.name}, the int8 file next to {source.name} (--fp32 serves the fp32 one)")
-    shutil.copy(use, dest)
-    if canvas:
-        import onnx
+    import onnx
 
-        proto = onnx.load(str(dest))
+    proto = without_trace(onnx.load(str(use)))  # a file exported by an earlier version may carry traces
+    if canvas:
         set_metadata(proto, {"canvas": "true"})
-        onnx.save(proto, str(dest))
+    save_proto(proto, dest)
     return None
 
 

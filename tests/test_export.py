@@ -456,3 +456,28 @@ def test_a_file_with_unusable_preprocessing_is_refused_with_a_reason(exported, t
     onnx.save(proto, str(tmp_path / "bad.onnx"))
     with pytest.raises(ModelFileError, match="interpolation 'cubic'"):
         Classifier(tmp_path / "bad.onnx")
+
+
+def test_a_file_made_by_an_earlier_export_is_published_without_its_traces(exported, tmp_path):
+    """The Space and the web page copy a given .onnx file: one exported before the traces were
+    removed must not carry them into a public folder."""
+    from export.space import stage_model
+
+    path, _ = exported
+    proto = onnx.load(str(path))
+    proto.graph.node[0].metadata_props.add(key="pkg.torch.onnx.stack_trace", value='File "/home/someone/vit/model.py"')
+    old = tmp_path / "old.onnx"
+    save_proto(proto, old)
+    stage_model(old, tmp_path / "served.onnx", int8=False, log=lambda *_: None)
+    served = onnx.load(str(tmp_path / "served.onnx"))
+    assert b"/home/someone" in old.read_bytes() and b"/home/someone" not in (tmp_path / "served.onnx").read_bytes()
+    assert {p.key: p.value for p in served.metadata_props} == {p.key: p.value for p in proto.metadata_props}
+
+
+def test_the_file_names_its_starting_weights_without_their_folder():
+    from export.onnx_export import portable_name
+
+    assert portable_name("/home/someone/ckpt/x.safetensors") == "x.safetensors"  # gone or not, no folder
+    assert portable_name("C:\\Users\\someone\\w.npz") == "w.npz"
+    assert portable_name("vit_small_patch16_224.augreg_in21k") == "vit_small_patch16_224.augreg_in21k"
+    assert portable_name("hf-hub:timm/vit_base_patch16_224") == "hf-hub:timm/vit_base_patch16_224"
