@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import train
 from tests.conftest import TINY_MODEL
 from vit.data import THUMB, thumbnail
-from vit.recipe import input_size_for, mirror_check, scratch_recipe
+from vit.recipe import input_size_for, mirror_check, patch_for, scratch_recipe
 
 
 def hook(rng: np.random.Generator, size: int = 32) -> Image.Image:
@@ -227,3 +227,20 @@ def test_the_token_grid_follows_the_image_size_and_the_device(native, device, wa
     recipe = scratch_recipe(1500, native, device)
     size, patch = recipe["image_size"], recipe["patch_size"]
     assert (size, patch) == want and size % patch == 0 and (patch & (patch - 1)) == 0  # the conv stem halves
+
+
+def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path):
+    """--image-size without --patch-size: the patch follows the size chosen, not the images'
+    (64 px images would give patch 16, which 40 does not divide)."""
+    assert [patch_for(s, "cpu") for s in (8, 24, 32, 40, 48, 64, 100, 128)] == [2, 4, 8, 8, 8, 16, 4, 16]
+    assert [patch_for(s, "cuda") for s in (32, 40, 64, 224)] == [4, 4, 8, 16]
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["--data", tmp_path / "data", "--out", out, "--epochs", "1", "--workers", "0", "--device", "cpu"]
+    assert train.main([str(a) for a in [*args, "--image-size", "40", *TINY_MODEL]]) == 0
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["image_size"] == [40, 40] and model["patch_size"] == 8

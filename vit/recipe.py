@@ -41,6 +41,16 @@ def input_size_for(native_side: int, device: str) -> tuple[int, int]:
     return (224, 16) if device == "cuda" else (128, 16)
 
 
+def patch_for(image_size: int, device: str) -> int:
+    """The patch for an input size the user chose (``--image-size`` without ``--patch-size``):
+    the recipe's patch for images of that size, halved until it divides the size and leaves a
+    grid of at least 4x4 (a power of 2, as the conv stem needs)."""
+    patch = input_size_for(image_size, device)[1]
+    while patch > 1 and (image_size % patch or image_size // patch < 4):
+        patch //= 2
+    return patch
+
+
 def model_for(num_images: int) -> dict[str, int]:
     """Width and depth for the amount of data: small data, small model (less to overfit)."""
     if num_images < 5_000:
