@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vit.bench import command_line, portable  # noqa: E402
 from vit.datasets import SHAPES, make_shapes  # noqa: E402
 from vit.runtime import Classifier  # noqa: E402
 
@@ -54,12 +55,12 @@ def main() -> None:
         test = make_shapes(Path(tmp) / "test", a.per_class, 64, seed=1)
         drawn = make_shapes(Path(tmp) / "drawn", a.per_class // 2, 64, seed=3, style="drawing")
         result = dict(
-            model=str(a.model.relative_to(ROOT) if a.model.is_relative_to(ROOT) else a.model),
+            model=portable(str(a.model.resolve())),
             file_mib=round(a.model.stat().st_size / 2**20, 2),
             val_accuracy=clf.metadata.get("val_accuracy"),
             fresh_test=score(clf, test),
             drawings=score(clf, drawn),
-            command="python benchmarks/demo_accuracy.py --model " + str(a.model.name),
+            command=command_line("python benchmarks/demo_accuracy.py", ["--model", str(a.model.resolve())]),
         )
         # A dozen examples: one of each shape (seed 2), and two drawings.
         shutil.rmtree(a.examples, ignore_errors=True)

@@ -408,8 +408,13 @@ def table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/learning.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     p.add_argument("--only", choices=sorted(DATASETS), action="append")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--budget", type=float, default=10.0, help="minutes per training run (default 10)")
@@ -418,19 +423,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-flags", default="", help="train.py flags to add (to measure a recipe change)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "learning")
     p.add_argument("--out", type=Path, default=None)
-    a = p.parse_args(argv)
-    from vit.bench import command_line, machine
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from vit.bench import command_line, machine, portable
 
     out = a.out or ROOT / "benchmarks" / f"learning_{a.budget:g}min_cpu.json"
     doc = json.loads(out.read_text()) if out.exists() else {"results": {}, "summary": {}}
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--work" in argv:  # scratch space: where it was is nobody's business, and changes nothing
-        del argv[argv.index("--work") : argv.index("--work") + 2]
-    command = command_line("python benchmarks/learning.py", argv)
-    doc.update(machine=machine(), command=command, budget_minutes=a.budget, vit_flags=a.vit_flags)
+    shown, argv = [], list(sys.argv[1:] if argv is None else argv)
+    while argv:  # --work is scratch space: where it was is nobody's business, and changes nothing
+        arg = argv.pop(0)
+        if arg == "--work":
+            argv.pop(0)
+        elif not arg.startswith("--work="):
+            shown.append(arg)
+    command = command_line("python benchmarks/learning.py", shown)
+    doc.update(machine=machine(), command=command, budget_minutes=a.budget, vit_flags=portable(a.vit_flags))
     for name in a.only or list(DATASETS):
         key = name if not a.per_class else f"{name}, {a.per_class} per class"
-        doc.setdefault("commands", {})[key] = command  # a file merges runs of several commands
+        # A file merges the runs of several commands: each method's runs have theirs.
+        commands = doc.setdefault("commands", {})
+        commands[key] = {
+            **(commands.get(key) if isinstance(commands.get(key), dict) else {}),
+            **dict.fromkeys(a.methods, command),
+        }
         print(f"== {key}", flush=True)
         flags = a.vit_flags.split()
         runs = [one_split(name, seed, a.work, a.budget, a.per_class, a.methods, flags) for seed in range(a.seeds)]

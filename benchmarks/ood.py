@@ -226,10 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=4.0, help="training minutes for each model trained here")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "ood_cpu.json")
     a = p.parse_args(argv)
-    from vit.bench import machine
+    from vit.bench import command_line, machine
 
     rng = np.random.default_rng(0)
-    doc = dict(machine=machine(), command="python benchmarks/ood.py " + " ".join(argv or sys.argv[1:]), models={})
+    doc = dict(
+        machine=machine(),
+        command=command_line("python benchmarks/ood.py", sys.argv[1:] if argv is None else argv),
+        models={},
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if a.only in (None, "bundled"):

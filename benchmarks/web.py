@@ -167,7 +167,7 @@ def table(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from export.onnx_export import quantize_int8
     from export.web import ORT_WEB_VERSION, build_web, page_weight
-    from vit.bench import machine
+    from vit.bench import command_line, machine
     from vit.datasets import make_shapes
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     record = dict(
-        command="python benchmarks/web.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command=command_line("python benchmarks/web.py", sys.argv[1:] if argv is None else argv),
         machine=machine(),
         onnxruntime_python=onnxruntime.__version__,
         onnxruntime_web=ORT_WEB_VERSION,

@@ -47,14 +47,19 @@ def test_train_flops_match_the_usual_estimate():
 def test_results_files_name_no_folder_of_this_machine():
     """A results file says how to reproduce it, not where it was made: commands are quoted and
     their paths made relative to the project (or reduced to a file name), in new files and
-    in every committed one."""
+    in every committed one; every recorded learning.py command parses."""
     import re
+    import shlex
 
+    from benchmarks.learning import parser
     from vit.bench import command_line
 
     line = command_line("python x.py", ["--flags", "--augment affine", "--out", str(ROOT / "benchmarks" / "a.json")])
     assert line == "python x.py --flags '--augment affine' --out benchmarks/a.json"
     assert command_line("python x.py", ["--out", "/somewhere/else/b.json"]) == "python x.py --out b.json"
+    assert command_line("python x.py", ["--out=/somewhere/c.json", "--pretrained C:\\Users\\me\\w.npz"]) == (
+        "python x.py --out=c.json '--pretrained w.npz'"
+    )
 
     def strings(o):
         if isinstance(o, dict):
@@ -67,9 +72,14 @@ def test_results_files_name_no_folder_of_this_machine():
         elif isinstance(o, str):
             yield o
 
-    absolute = re.compile(r"(^|[\s'\"=])(/[A-Za-z]|[A-Za-z]:\\)")
-    files = sorted((ROOT / "benchmarks").glob("*.json"))
-    assert files
+    absolute = re.compile(r"(^|[\s'\"=`])(/[A-Za-z]|[A-Za-z]:[\\/]|~/|\\\\)")
+    files = sorted((ROOT / "benchmarks").glob("*.json")) + sorted((ROOT / "benchmarks").glob("*.md"))
+    assert len(files) > 10
     for f in files:
-        found = [s for s in strings(json.loads(f.read_text())) if absolute.search(s)]
+        text = f.read_text(encoding="utf-8")
+        lines = list(strings(json.loads(text))) if f.suffix == ".json" else text.splitlines()
+        found = [s for s in lines if absolute.search(s)]
         assert not found, f"{f.name}: {found[:3]}"
+        for s in lines:
+            if s.startswith("python benchmarks/learning.py "):
+                parser().parse_args(shlex.split(s)[2:])  # exits on a command that does not parse

@@ -19,7 +19,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 from torch import nn
@@ -34,9 +34,19 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L
 
 def portable(arg: str) -> str:
     """``arg`` with no path of this machine in it: a path inside the project relative to it,
-    another absolute path as its file name, anything else as it is."""
+    another absolute path (POSIX, Windows or ~) as its file name, anything else as it is;
+    ``--opt=PATH`` and words of a quoted argument one by one."""
+    import re
+
+    if " " in arg:
+        return " ".join(portable(word) for word in arg.split(" "))
+    if arg.startswith("-") and "=" in arg:
+        opt, value = arg.split("=", 1)
+        return f"{opt}={portable(value)}"
+    if re.match(r"^([A-Za-z]:[\\/]|\\\\|~)", arg):
+        return PureWindowsPath(arg).name if "\\" in arg else Path(arg).name
     path = Path(arg)
-    if not path.is_absolute():
+    if not path.is_absolute() or not path.name:
         return arg
     try:
         return path.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
