@@ -115,14 +115,15 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     if args.pretrained:
         partial = recipe.finetune_recipe(n_train, preprocessing)
     else:
-        partial = recipe.scratch_recipe(n_train, scan.native_side(), device)
+        partial = recipe.scratch_recipe(n_train, scan.native_side(), device, args.time_budget)
     if args.model:
         preset = ViTConfig.preset(args.model)  # one parser of "S/16" for the whole project
         partial.update({k: getattr(preset, k) for k in ("dim", "depth", "heads", "mlp_dim", "patch_size")})
     flags = given(args)
     if "image_size" in flags and "patch_size" not in flags and not args.pretrained and not args.model:
         size = flags["image_size"]  # the patch follows the size chosen, not the images' own
-        partial["patch_size"] = recipe.patch_for(size if isinstance(size, int) else min(size), device)
+        side = size if isinstance(size, int) else min(size)
+        partial["patch_size"] = recipe.patch_for(side, device, partial.get("time_budget"))
     values = {**partial, **flags}
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
         # an explicit --epochs is a request for that many epochs

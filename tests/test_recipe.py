@@ -210,29 +210,35 @@ def test_the_averaged_weights_win_over_the_raw_ones_unless_clearly_worse():
 
 
 @pytest.mark.parametrize(
-    "native, device, want",
+    "native, device, budget, want",
     [
-        (8, "cpu", (8, 2)),  # glyphs: 4x4 everywhere
-        (20, "cuda", (16, 4)),
-        (32, "cpu", (32, 8)),  # small images on a CPU: 4x4 tokens, more epochs in the budget
-        (64, "cpu", (64, 16)),
-        (32, "cuda", (32, 4)),  # on a GPU: 8x8
-        (64, "cuda", (64, 8)),
-        (500, "cpu", (128, 16)),  # large images: the paper's 16-pixel patches
-        (500, "cuda", (224, 16)),
+        (8, "cpu", None, (8, 2)),  # glyphs: 4x4 everywhere
+        (20, "cuda", None, (16, 4)),
+        (32, "cpu", None, (32, 4)),  # the CPU's default 8-minute budget: 8x8
+        (64, "cpu", 8, (64, 8)),
+        (32, "cpu", 2, (32, 8)),  # a short budget on a CPU: 4x4 tokens, more epochs
+        (64, "cpu", 3.5, (64, 16)),
+        (64, "cpu", 0, (64, 8)),  # no budget
+        (32, "cuda", 2, (32, 4)),  # on a GPU: 8x8
+        (500, "cpu", 2, (128, 16)),  # large images: the paper's 16-pixel patches
+        (500, "cuda", None, (224, 16)),
     ],
 )
-def test_the_token_grid_follows_the_image_size_and_the_device(native, device, want):
-    assert input_size_for(native, device) == want
-    recipe = scratch_recipe(1500, native, device)
+def test_the_token_grid_follows_the_image_size_the_device_and_the_budget(native, device, budget, want):
+    recipe = scratch_recipe(1500, native, device, budget)
     size, patch = recipe["image_size"], recipe["patch_size"]
     assert (size, patch) == want and size % patch == 0 and (patch & (patch - 1)) == 0  # the conv stem halves
+    assert recipe["time_budget"] == (budget if budget is not None else 8.0 if device == "cpu" else None) or (
+        budget == 0 and recipe["time_budget"] is None
+    )
+    assert input_size_for(native, device, recipe["time_budget"]) == want
 
 
 def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path):
     """--image-size without --patch-size: the patch follows the size chosen, not the images'
     (64 px images would give patch 16, which 40 does not divide)."""
-    assert [patch_for(s, "cpu") for s in (8, 24, 32, 40, 48, 64, 100, 128)] == [2, 4, 8, 8, 8, 16, 4, 16]
+    assert [patch_for(s, "cpu", 2) for s in (8, 24, 32, 40, 48, 64, 100, 128)] == [2, 4, 8, 8, 8, 16, 4, 16]
+    assert [patch_for(s, "cpu", 8) for s in (32, 40, 56, 64)] == [4, 4, 8, 8]
     assert [patch_for(s, "cuda") for s in (32, 40, 64, 224)] == [4, 4, 8, 16]
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
@@ -241,6 +247,6 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     out = tmp_path / "run"
     args = ["--data", tmp_path / "data", "--out", out, "--epochs", "1", "--workers", "0", "--device", "cpu"]
-    assert train.main([str(a) for a in [*args, "--image-size", "40", *TINY_MODEL]]) == 0
+    assert train.main([str(a) for a in [*args, "--image-size", "40", "--time-budget", "2", *TINY_MODEL]]) == 0
     model = json.loads((out / "config.json").read_text())["model"]
     assert model["image_size"] == [40, 40] and model["patch_size"] == 8

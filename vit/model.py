@@ -157,8 +157,9 @@ class ConvStem(nn.Module):
     trained with the transformer, not a ResNet's: log2(P) stride-2 3x3 convolutions
     (BatchNorm, ReLU), widening towards D, then a 1x1 projection to D, so the token grid is
     the same H/P x W/P as with patches. It trains faster and more stably from scratch; it
-    costs 6-12% of a small model's compute on a 4x4 grid (32 px / patch 8, 64 px / patch 16). Pretrained ViT weights use ``PatchEmbed``;
-    this stem is for training from scratch.
+    costs a few percent of the encoder's compute on an 8x8 grid, 6-12% on a 4x4 one (32 px
+    / patch 8, 64 px / patch 16). Pretrained ViT weights use ``PatchEmbed``; this stem is
+    for training from scratch.
     """
 
     def __init__(self, patch_size: int, in_chans: int, dim: int):

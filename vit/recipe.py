@@ -16,36 +16,40 @@ import torch
 # many epochs.
 BUDGET_MAX_EPOCHS = 1000
 GLYPH_SIDE = 16  # images this small are taken for glyphs: no flip, no strong augmentation
+SHORT_BUDGET = 4.0  # minutes: on a CPU, a budget this short gets a coarser token grid (input_size_for)
+CPU_BUDGET = 8.0  # minutes: a from-scratch run's default time budget on a CPU
 
 
-def input_size_for(native_side: int, device: str) -> tuple[int, int]:
-    """(image size, patch size) for images whose shorter side is about ``native_side``.
+def input_size_for(native_side: int, device: str, budget: float | None = None) -> tuple[int, int]:
+    """(image size, patch size) for images whose shorter side is about ``native_side``, on
+    ``device``, with a time budget of ``budget`` minutes (None: no budget).
 
     Small images are not blown up: the input stays near its native size and the patch grows
-    with it, so the token grid stays small. Glyph-sized images (24 px or less) get a 4x4 grid.
-    On a CPU, images up to 96 px get a 4x4 grid too (16 tokens): the conv stem, one stride-2
-    convolution per halving, does the local work first, and a step costs about a third of an
-    8x8 grid's, so a time budget trains 2.5-3 times as many epochs. In 2 minutes
-    (``benchmarks/learning.py``, 3 splits): shapes at 32 px 94.5% against 71.7%, letters in
-    unseen fonts at 64 px 99.4% against 96.3%. On a GPU the grid stays 8x8 (not measured there).
-    Large images use the paper's 16-pixel patches, at 224 on a GPU and 128 on a CPU.
+    with it, so the token grid stays small: 4x4 for glyph-sized images (24 px or less), 8x8
+    above. On a CPU with a short budget (under ``SHORT_BUDGET`` minutes) images up to 96 px
+    get a 4x4 grid too: a step costs about a third of an 8x8 grid's, so the run trains 2.5-3
+    times as many epochs, which matters more than the finer grid when there are few. Measured
+    with ``benchmarks/learning.py`` (3 splits): in 2 minutes, shapes at 32 px 94.5% against
+    71.7% and letters in unseen fonts at 64 px 99.4% against 96.3%; in 5 minutes the 8x8 grid
+    is ahead on the letters (99.9% against 99.3%). Large images use the paper's 16-pixel
+    patches, at 224 on a GPU and 128 on a CPU.
     """
     if native_side <= 12:
         return 8, 2  # glyph-sized images: a 4x4 grid of 2-pixel patches
     if native_side <= 24:
         return 16, 4
-    grid = 4 if device == "cpu" else 8
+    grid = 4 if device == "cpu" and budget and budget < SHORT_BUDGET else 8
     for limit, size in ((48, 32), (96, 64)):
         if native_side <= limit:
             return size, size // grid
     return (224, 16) if device == "cuda" else (128, 16)
 
 
-def patch_for(image_size: int, device: str) -> int:
+def patch_for(image_size: int, device: str, budget: float | None = None) -> int:
     """The patch for an input size the user chose (``--image-size`` without ``--patch-size``):
     the recipe's patch for images of that size, halved until it divides the size and leaves a
     grid of at least 4x4 (a power of 2, as the conv stem needs)."""
-    patch = input_size_for(image_size, device)[1]
+    patch = input_size_for(image_size, device, budget)[1]
     while patch > 1 and (image_size % patch or image_size // patch < 4):
         patch //= 2
     return patch
@@ -60,9 +64,11 @@ def model_for(num_images: int) -> dict[str, int]:
     return dict(dim=384, depth=12, heads=6, mlp_dim=1536)  # ViT-S (DeiT)
 
 
-def scratch_recipe(num_images: int, native_side: int, device: str) -> dict:
-    """Defaults for training from scratch (DeiT-style recipe, scaled to the data)."""
-    image_size, patch = input_size_for(native_side, device)
+def scratch_recipe(num_images: int, native_side: int, device: str, budget: float | None = None) -> dict:
+    """Defaults for training from scratch (DeiT-style recipe, scaled to the data); ``budget``:
+    the time budget the user gave, in minutes (0: none), else the device's default."""
+    budget = budget if budget is not None else CPU_BUDGET if device == "cpu" else None
+    image_size, patch = input_size_for(native_side, device, budget)
     epochs = int(min(300, max(30, 100_000 // max(num_images, 1))))
     # Images of 16 px or less are mostly glyphs (digits, letters, icons): a mirror image or a
     # tight crop of one is often another class, so those augmentations are left out.
@@ -83,7 +89,7 @@ def scratch_recipe(num_images: int, native_side: int, device: str) -> dict:
         # class token from scratch on small data (as Beyer et al. 2022 report too).
         pool="avg",
         epochs=epochs,
-        time_budget=8.0 if device == "cpu" else None,  # minutes; fits the schedule to the clock
+        time_budget=budget or None,  # minutes; fits the schedule to the clock
         batch_size=min(128, max(32, num_images // 50)),  # small data: more, smaller steps
         lr=1e-3,
         min_lr_ratio=0.01,
