@@ -122,8 +122,7 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     flags = given(args)
     if "image_size" in flags and "patch_size" not in flags and not args.pretrained and not args.model:
         size = flags["image_size"]  # the patch follows the size chosen, not the images' own
-        side = size if isinstance(size, int) else min(size)
-        partial["patch_size"] = recipe.patch_for(side, device, partial.get("time_budget"))
+        partial["patch_size"] = recipe.patch_for(size, device, partial.get("time_budget"))
     values = {**partial, **flags}
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
         # an explicit --epochs is a request for that many epochs

@@ -218,6 +218,7 @@ def test_the_averaged_weights_win_over_the_raw_ones_unless_clearly_worse():
         (64, "cpu", 8, (64, 8)),
         (32, "cpu", 2, (32, 8)),  # a short budget on a CPU: 4x4 tokens, more epochs
         (64, "cpu", 3.5, (64, 16)),
+        (64, "cpu", 4, (64, 8)),  # 4 minutes is not short
         (64, "cpu", 0, (64, 8)),  # no budget
         (32, "cuda", 2, (32, 4)),  # on a GPU: 8x8
         (500, "cpu", 2, (128, 16)),  # large images: the paper's 16-pixel patches
@@ -228,9 +229,8 @@ def test_the_token_grid_follows_the_image_size_the_device_and_the_budget(native,
     recipe = scratch_recipe(1500, native, device, budget)
     size, patch = recipe["image_size"], recipe["patch_size"]
     assert (size, patch) == want and size % patch == 0 and (patch & (patch - 1)) == 0  # the conv stem halves
-    assert recipe["time_budget"] == (budget if budget is not None else 8.0 if device == "cpu" else None) or (
-        budget == 0 and recipe["time_budget"] is None
-    )
+    default = 8.0 if device == "cpu" else None
+    assert recipe["time_budget"] == (None if budget == 0 else budget if budget is not None else default)
     assert input_size_for(native, device, recipe["time_budget"]) == want
 
 

@@ -27,7 +27,7 @@ def input_size_for(native_side: int, device: str, budget: float | None = None) -
     Small images are not blown up: the input stays near its native size and the patch grows
     with it, so the token grid stays small: 4x4 for glyph-sized images (24 px or less), 8x8
     above. On a CPU with a short budget (under ``SHORT_BUDGET`` minutes) images up to 96 px
-    get a 4x4 grid too: a step costs about a third of an 8x8 grid's, so the run trains 2.5-3
+    get a 4x4 grid too: a step costs about a third of an 8x8 grid's, so the run trains 2-2.7
     times as many epochs, which matters more than the finer grid when there are few. Measured
     with ``benchmarks/learning.py`` (3 splits): in 2 minutes, shapes at 32 px 94.5% against
     71.7% and letters in unseen fonts at 64 px 99.4% against 96.3%; in 5 minutes the 8x8 grid
