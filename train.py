@@ -365,12 +365,21 @@ def write_new_run(run, run_config: dict, scan, split, cfg) -> None:
     run.write_config(run_config)
 
 
+def short_budget_grid(cfg, m, device: str) -> bool:
+    """Whether the recipe chose a 4x4 grid because the CPU budget is short (vit.recipe.input_size_for)."""
+    from vit.recipe import SHORT_BUDGET
+
+    short = device == "cpu" and bool(cfg.time_budget) and cfg.time_budget < SHORT_BUDGET
+    return short and not cfg.pretrained and min(m.image_size) > 24 and max(m.grid_size) <= 4
+
+
 def describe_start(model, cfg, device, world: int) -> None:
     m = model.config
     log(
         f"Model: {m.depth} block{'s' if m.depth != 1 else ''}, width {m.dim}, {m.heads} heads, "
-        f"{m.image_size[0]}x{m.image_size[1]} input, patch {m.patch_size} "
-        f"({model.num_params() / 1e6:.2f}M parameters) on {device.type}"
+        f"{m.image_size[0]}x{m.image_size[1]} input, patch {m.patch_size} ({m.grid_size[0]}x{m.grid_size[1]} tokens"
+        + (", coarser for a short budget" if short_budget_grid(cfg, m, device.type) else "")
+        + f"), {model.num_params() / 1e6:.2f}M parameters on {device.type}"
         + (f" x {world} processes" if world > 1 else "")
     )
     log("Settings: " + cfg.shown())

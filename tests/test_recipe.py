@@ -234,7 +234,7 @@ def test_the_token_grid_follows_the_image_size_the_device_and_the_budget(native,
     assert input_size_for(native, device, recipe["time_budget"]) == want
 
 
-def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path):
+def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
     """--image-size without --patch-size: the patch follows the size chosen, not the images'
     (64 px images would give patch 16, which 40 does not divide)."""
     assert [patch_for(s, "cpu", 2) for s in (8, 24, 32, 40, 48, 64, 100, 128)] == [2, 4, 8, 8, 8, 16, 4, 16]
@@ -250,3 +250,7 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path):
     assert train.main([str(a) for a in [*args, "--image-size", "40", "--time-budget", "2", *TINY_MODEL]]) == 0
     model = json.loads((out / "config.json").read_text())["model"]
     assert model["image_size"] == [40, 40] and model["patch_size"] == 8
+    assert "40x40 input, patch 8 (5x5 tokens)," in capsys.readouterr().out
+    args[3] = out = tmp_path / "short"  # the recipe's own size, in a short budget: a coarser grid, said so
+    assert train.main([str(a) for a in [*args, "--time-budget", "2", *TINY_MODEL]]) == 0
+    assert "64x64 input, patch 16 (4x4 tokens, coarser for a short budget)," in capsys.readouterr().out
