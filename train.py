@@ -367,10 +367,10 @@ def write_new_run(run, run_config: dict, scan, split, cfg) -> None:
 
 def short_budget_grid(cfg, m, device: str) -> bool:
     """Whether the recipe chose a 4x4 grid because the CPU budget is short (vit.recipe.input_size_for)."""
-    from vit.recipe import SHORT_BUDGET
+    from vit.recipe import short_cpu_budget
 
-    short = device == "cpu" and bool(cfg.time_budget) and cfg.time_budget < SHORT_BUDGET
-    return short and not cfg.pretrained and min(m.image_size) > 24 and max(m.grid_size) <= 4
+    coarse = min(m.image_size) > 24 and max(m.grid_size) <= 4  # 4x4 where the rule for glyphs gives 4x4 anyway
+    return short_cpu_budget(device, cfg.time_budget) and not cfg.pretrained and coarse
 
 
 def describe_start(model, cfg, device, world: int) -> None:

@@ -127,32 +127,27 @@ def without_trace(proto: onnx.ModelProto) -> onnx.ModelProto:
     machine that exported the file, which a shared model should not carry, and the notes are
     4% of the demo model's bytes. The model's own metadata (labels, preprocessing, ...) is kept."""
 
-    def graphs(g: onnx.GraphProto):
-        yield g
-        for node in g.node:
+    def subgraphs(nodes):  # the bodies of If, Loop and Scan nodes, at any depth
+        for node in nodes:
             for a in node.attribute:
                 for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    yield from graphs(sub)
+                    yield sub
+                    yield from subgraphs(sub.node)
 
-    every = list(graphs(proto.graph))
+    def clear(node_or_graph) -> None:
+        del node_or_graph.metadata_props[:]
+        node_or_graph.doc_string = ""
+
     for f in proto.functions:
-        del f.metadata_props[:]
-        f.doc_string = ""
-        for node in f.node:
-            for a in node.attribute:
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    every += graphs(sub)
+        clear(f)
         for n in f.node:
-            del n.metadata_props[:]
-            n.doc_string = ""
-    for g in every:
-        del g.metadata_props[:]
-        g.doc_string = ""
+            clear(n)
+    for g in [proto.graph, *subgraphs(proto.graph.node), *(sub for f in proto.functions for sub in subgraphs(f.node))]:
+        clear(g)
         for v in [*g.initializer, *g.input, *g.output, *g.value_info]:
             del v.metadata_props[:]
         for n in g.node:
-            del n.metadata_props[:]
-            n.doc_string = ""
+            clear(n)
     proto.doc_string = ""
     return proto
 

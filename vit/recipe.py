@@ -20,6 +20,11 @@ SHORT_BUDGET = 4.0  # minutes: on a CPU, a budget this short gets a coarser toke
 CPU_BUDGET = 8.0  # minutes: a from-scratch run's default time budget on a CPU
 
 
+def short_cpu_budget(device: str, budget: float | None) -> bool:
+    """A time budget short enough, on a CPU, for images of 25-96 px to get a 4x4 grid."""
+    return device == "cpu" and bool(budget) and budget < SHORT_BUDGET
+
+
 def input_size_for(native_side: int, device: str, budget: float | None = None) -> tuple[int, int]:
     """(image size, patch size) for images whose shorter side is about ``native_side``, on
     ``device``, with a time budget of ``budget`` minutes (None: no budget).
@@ -38,7 +43,7 @@ def input_size_for(native_side: int, device: str, budget: float | None = None) -
         return 8, 2  # glyph-sized images: a 4x4 grid of 2-pixel patches
     if native_side <= 24:
         return 16, 4
-    grid = 4 if device == "cpu" and budget and budget < SHORT_BUDGET else 8
+    grid = 4 if short_cpu_budget(device, budget) else 8
     for limit, size in ((48, 32), (96, 64)):
         if native_side <= limit:
             return size, size // grid
