@@ -421,6 +421,32 @@ def test_time_budget_keeps_to_the_budget_without_training(slow_down):
     assert elapsed >= 300 - 2 * 10 * slow_down  # and the budget is used (within two epochs)
 
 
+def test_time_budget_says_news_not_every_refit():
+    """The length is refitted after every epoch; the log says it only when it moves by 10% (and
+    2 epochs) from what it last said, so a jittery clock does not print it at every epoch, while
+    a machine that slows down by half is still reported."""
+    import random
+
+    from vit.budget import TimeBudget
+
+    rng = random.Random(0)
+    b = TimeBudget(seconds=600, max_epochs=1000)
+    elapsed, done = 5.0, 0
+    planned = b.first_estimate(step_seconds=0.2, steps_per_epoch=30, val_share=0.2, elapsed=elapsed)
+    said, lines, changes = planned, 1, 0
+    while done < planned:
+        took = rng.uniform(4.0, 6.0) * (1.5 if done >= 60 else 1.0)
+        elapsed, done = elapsed + took, done + 1
+        new = b.after_epoch(took, done, planned, elapsed)
+        changes += new != planned
+        planned = new
+        if TimeBudget.worth_saying(planned, said):
+            said, lines = planned, lines + 1
+    assert changes >= 10  # the plan moved at many refits ...
+    assert 2 <= lines <= 5  # ... and was said at a few: the first fit and the slow-down among them
+    assert abs(said - planned) < max(2, 0.1 * said)  # the last length said is (about) the run's
+
+
 def test_explicit_epochs_turn_the_budget_off_and_say_so(shapes_dir, tmp_path, capsys):
     """Item 15: the CPU recipe's 8-minute budget does not silently cap an explicit --epochs."""
     out = tmp_path / "run"

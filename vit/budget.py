@@ -37,3 +37,10 @@ class TimeBudget:
         fits = done + int(max(0.0, self.seconds - elapsed) / max(per_epoch, 1e-9))
         epochs = min(self.max_epochs, fits) if done < planned / 2 else min(planned, fits)
         return max(done, epochs)
+
+    @staticmethod
+    def worth_saying(epochs: int, said: int | None) -> bool:
+        """Whether a new length is news: the first one, or one at least 10% (and 2 epochs) away
+        from the last one said. The length is refitted after every epoch and moves by an epoch
+        or two as the measured times settle; saying each of those drowns the log."""
+        return said is None or abs(epochs - said) >= max(2, 0.1 * said)

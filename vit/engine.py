@@ -218,6 +218,7 @@ class Trainer:
     ):
         self.cfg, self.run_dir, self.device, self.d = cfg, Path(run_dir), device, d
         self.budget, self.log = budget, log
+        self.said_epochs: int | None = None  # the run's length as last logged (set_total_epochs)
         self.started = time.perf_counter() if started is None else started
         self.model = model.to(device)
         self.train_ds, self.val_ds = train_ds, val_ds
@@ -274,7 +275,8 @@ class Trainer:
         if self.cfg.ema_decay_auto and self.ema is not None:
             s.ema_decay = ema_decay_for(epochs * self.steps_per_epoch)
             self.ema.multi_avg_fn = get_ema_multi_avg_fn(s.ema_decay)
-        if self.d.main:
+        if self.d.main and TimeBudget.worth_saying(epochs, self.said_epochs):
+            self.said_epochs = epochs
             capped = ""
             ends = time.perf_counter() - self.started + (epochs - s.epoch) * per_epoch
             if epochs == self.budget.max_epochs and ends < 0.9 * self.budget.seconds:
