@@ -122,7 +122,23 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     flags = given(args)
     if "image_size" in flags and "patch_size" not in flags and not args.pretrained and not args.model:
         size = flags["image_size"]  # the patch follows the size chosen, not the images' own
-        partial["patch_size"] = recipe.patch_for(size, device, partial.get("time_budget"))
+        budget = partial.get("time_budget")
+        patch = partial["patch_size"] = recipe.patch_for(size, device, budget)
+        ideal = recipe.input_size_for(size, device, budget)[1]  # the recipe's patch for images this size
+        near = max(4, round(size / ideal)) * ideal  # the nearest size that takes it
+        if patch < 2 and flags.get("stem", partial["stem"]) == "conv":
+            raise ValueError(
+                f"--image-size {size}: the conv stem needs a patch of 2, 4, 8 ... px that divides the size into a "
+                f"grid of at least 4x4, and {size} has none; use --image-size {near} (patch {ideal}, the recipe's), "
+                "or give --patch-size with --stem patch"
+            )
+        if patch < ideal:
+            g = size // patch
+            log(
+                f"Note: --image-size {size} takes patch {patch} at most (a power of 2 that divides it), a {g}x{g} "
+                f"token grid; the recipe's is patch {ideal} at {near} px ({near // ideal}x{near // ideal}), and each "
+                f"step here costs several times more. --image-size {near}, or --patch-size, chooses otherwise"
+            )
     values = {**partial, **flags}
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
         # an explicit --epochs is a request for that many epochs

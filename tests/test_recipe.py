@@ -254,3 +254,11 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
     args[3] = out = tmp_path / "short"  # the recipe's own size, in a short budget: a coarser grid, said so
     assert train.main([str(a) for a in [*args, "--time-budget", "2", *TINY_MODEL]]) == 0
     assert "64x64 input, patch 16 (4x4 tokens, coarser for a short budget)," in capsys.readouterr().out
+    args[3] = out = tmp_path / "fine"  # a size with no patch near the recipe's: trained, and said why it is slow
+    assert train.main([str(a) for a in [*args, "--image-size", "30", "--time-budget", "2", *TINY_MODEL]]) == 0
+    said = capsys.readouterr().out
+    assert "takes patch 2 at most" in said and "15x15 token grid" in said and "--image-size 32" in said
+    args[3] = out = tmp_path / "odd"  # none at all for the conv stem: refused before anything is written
+    assert train.main([str(a) for a in [*args, "--image-size", "31", "--time-budget", "2", *TINY_MODEL]]) == 2
+    said = capsys.readouterr().err
+    assert "--image-size 31" in said and "use --image-size 32 (patch 8" in said and not out.exists()
