@@ -467,7 +467,9 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
-        torch.manual_seed(sample_seed(self.seed, epoch, i))
+        # The CPU generator alone, which is what the transforms draw from: torch.manual_seed seeds
+        # every accelerator's generators too, 0.11 ms per image, a third of the loading time at 32 px.
+        torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
         try:
             img = self.load(i)
         except BadImage:  # changed on disk since the scan: use a neighbour rather than die
