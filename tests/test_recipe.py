@@ -262,3 +262,16 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
     assert train.main([str(a) for a in [*args, "--image-size", "31", "--time-budget", "2", *TINY_MODEL]]) == 2
     said = capsys.readouterr().err
     assert "--image-size 31" in said and "use --image-size 32 (patch 8" in said and not out.exists()
+
+
+@pytest.mark.parametrize("cpus, workers", [(2, 0), (3, 2)])
+def test_loader_processes_follow_the_cores(shapes_dir, tmp_path, monkeypatch, cpus, workers):
+    """On 2 cores, images held in memory are loaded in the training process (a loader process
+    would only take cores from the model); with more cores, loader processes."""
+    import vit.cpus
+
+    monkeypatch.setattr(vit.cpus, "usable_cpus", lambda: cpus)
+    out = tmp_path / "run"
+    args = ["--data", shapes_dir, "--out", out, "--epochs", "1", "--device", "cpu", *TINY_MODEL]
+    assert train.main([str(a) for a in args]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["workers"] == workers
