@@ -10,7 +10,8 @@ and test/); then, with the same wall-clock budget each,
   vit      python train.py --data DIR --out RUN --time-budget B --seed S (nothing else: the
            recipe decides); scored on test/ by train.py itself, which never used it; and,
            as a diagnostic of the end-of-run choice, the run's last EMA weights on test/ too
-           (final_test_acc);
+           (final_test_acc), and, for a model that averages each image with its mirror, the
+           kept weights from the image alone (single_view_test_acc);
   cnn      timm's resnet18 from scratch with an ordinary recipe (AdamW, cosine, label
            smoothing 0.1, small random affine augmentation), the final weights;
   timm-vit timm's VisionTransformer (ViT-Ti width, patch = side / 8) from scratch with the
@@ -204,6 +205,7 @@ def run_vit(root: Path, work: Path, budget_min: float, seed: int, flags: list[st
     return dict(
         test_acc=cfg["result"]["test_acc"],
         final_test_acc=final_weights_test(run, root, cfg),
+        **({"single_view_test_acc": single_view_test(run, root, cfg)} if m.get("mirror_average") else {}),
         best_epoch=cfg["result"]["best_epoch"],
         hflip=t["hflip"],
         minutes=round(minutes, 2),
@@ -221,7 +223,6 @@ def final_weights_test(run: Path, root: Path, cfg: dict) -> float:
     import torch
 
     from vit import ViT, ViTConfig
-    from vit.imageio import Preprocessing, open_image
 
     ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     model = ViT(ViTConfig.from_dict(cfg["model"])).eval()
@@ -230,6 +231,27 @@ def final_weights_test(run: Path, root: Path, cfg: dict) -> float:
     else:
         weights = ck["model"]
     model.load_state_dict(weights)
+    return test_accuracy(model, root, cfg)
+
+
+def single_view_test(run: Path, root: Path, cfg: dict) -> float:
+    """Test accuracy of the weights the run kept, from the image alone: what averaging with the
+    mirror (``mirror_average``, on for runs trained with flips) gains, on the same weights."""
+    from safetensors.torch import load_file
+
+    from vit import ViT, ViTConfig
+
+    model = ViT(ViTConfig.from_dict({**cfg["model"], "mirror_average": False})).eval()
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    return test_accuracy(model, root, cfg)
+
+
+def test_accuracy(model, root: Path, cfg: dict) -> float:
+    """``model``'s accuracy on ``root``/test, preprocessed as the run's evaluation does."""
+    import torch
+
+    from vit.imageio import Preprocessing, open_image
+
     prep = Preprocessing.from_dict(cfg["preprocessing"])
     files = [(f, i) for i, c in enumerate(cfg["labels"]) for f in sorted((root / "test" / c).iterdir())]
     right = 0
@@ -392,6 +414,10 @@ def summary(runs: list[dict], methods) -> dict:
             final = np.array([r["vit"]["final_test_acc"] for r in runs])
             out["vit"]["final_weights_mean"] = round(float(final.mean()), 4)
             out["vit"]["final_weights_std"] = round(float(final.std(ddof=1)) if len(final) > 1 else 0.0, 4)
+        if all("single_view_test_acc" in r["vit"] for r in runs):
+            one = np.array([r["vit"]["single_view_test_acc"] for r in runs])
+            out["vit"]["single_view_mean"] = round(float(one.mean()), 4)
+            out["vit"]["single_view_std"] = round(float(one.std(ddof=1)) if len(one) > 1 else 0.0, 4)
     return out
 
 

@@ -62,12 +62,22 @@ class Exportable(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor):
         m, taps = self.model, ([] if self.ood is not None else None)
-        y, attns = m.forward_pooled(pixel_values, fused=not self.attention, return_attn=self.attention, taps=taps)
-        outs = [m.head(m.fc_norm(y))]
+        x, mirrored = pixel_values, m.config.mirror_average
+        if mirrored:  # the image and its mirror in one batch, as ViT.forward does in eval mode
+            x = torch.cat([x, x.flip(-1)])
+        y, attns = m.forward_pooled(x, fused=not self.attention, return_attn=self.attention, taps=taps)
+        logits = m.head(m.fc_norm(y))
+        outs = [logits.unflatten(0, (2, -1)).mean(0) if mirrored else logits]
         if self.attention:
-            outs.append(self.rollout(attns))
+            grid = self.rollout(attns)
+            if mirrored:  # the mirror's map, mirrored back, averaged with the image's
+                a, b = grid.unflatten(0, (2, -1)).unbind(0)
+                grid = a + b.flip(-1)
+                grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+            outs.append(grid)
         if self.ood is not None:
-            outs.append(self.ood(torch.cat(taps[-self.ood.blocks :], dim=-1)))
+            n = pixel_values.shape[0]  # the score reads the image as given (export.ood fits it so)
+            outs.append(self.ood(torch.cat([t[:n] for t in taps[-self.ood.blocks :]], dim=-1)))
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     def rollout(self, attns: list[torch.Tensor]) -> torch.Tensor:
@@ -192,6 +202,9 @@ def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "attention_output": str(attention).lower(),
+        "views": "the image and its mirror, logits averaged"
+        if run["model"].get("mirror_average")
+        else "the image as given",
         "threshold_rule": "5th percentile of the top probability on correctly classified validation images "
         "(after temperature scaling)",
         "quantization": "none",

@@ -322,6 +322,28 @@ def test_attention_map_is_the_textbook_rollout(pool, class_token):
     assert torch.allclose(logits, model(x), atol=1e-6)
 
 
+def test_a_mirror_averaging_run_exports_both_views(run_dir, tmp_path):
+    """A run that predicts from the image and its mirror exports the same: the file's logits,
+    attention map and score are checked against PyTorch by the export itself; the map of a
+    mirrored image is the mirrored map, and the file says what it does."""
+    import shutil
+
+    from export.onnx_export import export_run
+
+    run = tmp_path / "mirrored"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.onnx"))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["mirror_average"] = cfg["train"]["mirror_average"] = True
+    (run / "config.json").write_text(json.dumps(cfg))
+    export_run(run, run / "model.onnx", attention=True, int8=False)
+    clf = Classifier(run / "model.onnx")
+    assert clf.metadata["views"] == "the image and its mirror, logits averaged"
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    logits, grid = clf.session.run(["logits", "attention"], {"pixel_values": x})[:2]
+    logits_m, grid_m = clf.session.run(["logits", "attention"], {"pixel_values": x[..., ::-1].copy()})[:2]
+    assert np.allclose(logits, logits_m, atol=1e-4) and np.allclose(grid_m, grid[..., ::-1], atol=1e-5)
+
+
 def test_temperature_scaling_recovers_a_known_temperature():
     from export.onnx_export import fit_temperature
     from vit.runtime import softmax

@@ -90,6 +90,27 @@ def test_dropout_and_drop_path_act_only_in_training():
     assert torch.equal(model(x), model(x))
 
 
+def test_mirror_average_averages_both_views_in_eval_mode_only():
+    """With mirror_average the model predicts the same for an image and its mirror: the mean of
+    the plain model's logits for the two; training sees the image as given."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, mlp_dim=64, num_classes=5, stem="conv")
+    plain = ViT(cfg)
+    with torch.no_grad():
+        plain.head.weight.normal_()
+    both = ViT(dataclasses.replace(cfg, mirror_average=True))
+    both.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    plain.eval(), both.eval()
+    with torch.no_grad():
+        want = (plain(x) + plain(x.flip(-1))) / 2
+        assert not torch.allclose(plain(x), plain(x.flip(-1)), atol=1e-3)  # the views do differ
+        assert torch.allclose(both(x), want, atol=1e-5)
+        assert torch.allclose(both(x.flip(-1)), both(x), atol=1e-5)
+    plain.train(), both.train()
+    assert torch.equal(both(x), plain(x))
+
+
 @pytest.mark.parametrize(
     "old, new, prefix",
     [((14, 14), (24, 24), 1), ((14, 14), (10, 17), 1), ((7, 7), (12, 5), 0), ((12, 8), (6, 9), 1)],

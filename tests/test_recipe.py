@@ -95,7 +95,9 @@ def test_train_leaves_the_flip_out_for_mirror_image_classes_unless_told(tmp_path
     flags = ["--hflip", given] if given else []
     args = ["--data", data, "--out", out, "--epochs", "1", "--workers", "0", *TINY_MODEL, *flags]
     assert train.main([str(a) for a in args]) == 0
-    t = json.loads((out / "config.json").read_text())["train"]
+    saved = json.loads((out / "config.json").read_text())
+    t = saved["train"]
+    assert saved["model"]["mirror_average"] is t["mirror_average"] is bool(given)  # from mirrors if trained on them
     said = capsys.readouterr().out
     if given:
         assert t["hflip"] == 0.5 and t["hflip_note"] is None and "Horizontal flip" not in said
@@ -117,8 +119,13 @@ def test_train_keeps_the_flip_for_classes_mirrors_do_not_change(tmp_path):
     write_folder(data, symmetric_classes(40))
     args = ["--data", data, "--out", out, "--epochs", "1", "--workers", "0", *TINY_MODEL]
     assert train.main([str(a) for a in args]) == 0
-    t = json.loads((out / "config.json").read_text())["train"]
+    saved = json.loads((out / "config.json").read_text())
+    t = saved["train"]
     assert t["hflip"] == 0.5 and t["hflip_note"].startswith("on: mirror images do not look like other classes")
+    assert saved["model"]["mirror_average"] is True
+    args[3] = out = tmp_path / "plain"  # and the user can ask for one view only
+    assert train.main([str(a) for a in [*args, "--no-mirror-average"]]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["mirror_average"] is False
 
 
 def test_glyph_sized_images_get_no_flip_and_the_run_says_why(shapes_dir, tmp_path):

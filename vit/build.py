@@ -69,7 +69,7 @@ def build_model(cfg, classes: list[str], timm_module=None):
     from vit import ViT, ViTConfig
     from vit.convert import from_timm
 
-    fields = dict(dropout=cfg.dropout, drop_path=cfg.drop_path)
+    fields = dict(dropout=cfg.dropout, drop_path=cfg.drop_path, mirror_average=bool(cfg.mirror_average))
     size = cfg.image_size
     if cfg.pretrained:
         ours = pretrained_run(cfg.pretrained)

@@ -67,6 +67,9 @@ class TrainConfig:
     ema: bool | None = setting("keep an exponential moving average of the weights")
     ema_decay: float | None = setting("decay of the weights' EMA (default: from the run's length)")
     layer_decay: float | None = setting("layer-wise LR decay for fine-tuning (1: off)")
+    mirror_average: bool | None = setting(
+        "predict from the image and its mirror, logits averaged (default: when trained with --hflip)"
+    )
     # ----- preprocessing --------------------------------------------------------------------
     interpolation: str | None = setting("resize interpolation", choices=("bicubic", "bilinear", "nearest", "lanczos"))
     crop_pct: float | None = setting("evaluation centre crop fraction")

@@ -48,6 +48,9 @@ class ViTConfig:
     attn_dropout: float = 0.0  # on the attention weights
     drop_path: float = 0.0  # stochastic depth, rising linearly to this rate in the last block
     ln_eps: float = 1e-6  # LayerNorm epsilon of the JAX reference (PyTorch's default is 1e-5)
+    # Not in the paper: in eval mode, forward averages the logits of the image and its left-right
+    # mirror (test-time augmentation), for models trained with random flips. Off: timm's outputs.
+    mirror_average: bool = False
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -454,12 +457,18 @@ class ViT(nn.Module):
         return self.fc_norm(y), attns
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> logits (B, K)."""
+        """images (B, C, H, W) -> logits (B, K); with ``mirror_average``, in eval mode, the mean
+        of the logits of each image and its mirror (one batch of 2B through the encoder)."""
+        mirrored = self.config.mirror_average and not self.training
+        if mirrored:
+            images = torch.cat([images, images.flip(-1)])
         y, _ = self.forward_features(images)
-        return self.head(self.head_drop(y))
+        logits = self.head(self.head_drop(y))
+        return logits.unflatten(0, (2, -1)).mean(0) if mirrored else logits
 
     def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits (B, K) and each block's attention weights through the explicit path.
+        """Logits (B, K) and each block's attention weights through the explicit path, for the
+        image as given (never averaged with its mirror: ``export.Exportable`` does that).
 
         Every block but a class-token model's last gives (B, h, N, N); that last one gives
         only the class token's row, (B, h, 1, N), which is all attention rollout needs.
