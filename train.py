@@ -125,19 +125,24 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         budget = partial.get("time_budget")
         patch = partial["patch_size"] = recipe.patch_for(size, device, budget)
         ideal = recipe.input_size_for(size, device, budget)[1]  # the recipe's patch for images this size
-        near = max(4, round(size / ideal)) * ideal  # the nearest size that takes it
-        if patch < 2 and flags.get("stem", partial["stem"]) == "conv":
-            raise ValueError(
-                f"--image-size {size}: the conv stem needs a patch of 2, 4, 8 ... px that divides the size into a "
-                f"grid of at least 4x4, and {size} has none; use --image-size {near} (patch {ideal}, the recipe's), "
-                "or give --patch-size with --stem patch"
-            )
-        if patch < ideal:
-            g = size // patch
+        if patch < ideal or (patch < 2 and flags.get("stem", partial["stem"]) == "conv"):
+
+            def whole(n: int) -> bool:  # size n takes the recipe's own patch for it
+                return recipe.patch_for(n, device, budget) == recipe.input_size_for(n, device, budget)[1]
+
+            near = min((n for n in range(8, 2 * size + 9) if whole(n)), key=lambda n: (abs(n - size), n))
+            p, g = recipe.patch_for(near, device, budget), near // recipe.patch_for(near, device, budget)
+            if patch < 2 and flags.get("stem", partial["stem"]) == "conv":
+                raise ValueError(
+                    f"--image-size {size}: the conv stem needs a patch of 2, 4, 8 ... px that divides the size into a "
+                    f"grid of at least 4x4, and {size} has none; use --image-size {near} (patch {p}, the recipe's), "
+                    "or give --patch-size with --stem patch"
+                )
             log(
-                f"Note: --image-size {size} takes patch {patch} at most (a power of 2 that divides it), a {g}x{g} "
-                f"token grid; the recipe's is patch {ideal} at {near} px ({near // ideal}x{near // ideal}), and each "
-                f"step here costs several times more. --image-size {near}, or --patch-size, chooses otherwise"
+                f"Note: --image-size {size} takes patch {patch} at most (a power of 2 that divides it), a "
+                f"{size // patch}x{size // patch} token grid, finer than the recipe's patch {ideal} for this size: "
+                f"each step costs several times more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, "
+                "chooses otherwise"
             )
     values = {**partial, **flags}
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
@@ -260,6 +265,8 @@ def resume_run(args, device: str):
         raise DataError(f"{run} holds no resumable run (no checkpoint.pt / config.json)")
     saved = run.config()
     cfg = TrainConfig.from_dict(saved["train"], saved=True)
+    if cfg.mirror_average is None:  # a run from before the setting: its model says
+        cfg = replace(cfg, mirror_average=bool(saved["model"].get("mirror_average", False)))
     changed = (["--pretrained"] if args.pretrained else []) + changed_on_resume(cfg, given(args))
     if changed:
         raise DataError(f"--resume continues with the run's own settings; drop {', '.join(changed)}")

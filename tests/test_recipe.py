@@ -265,6 +265,14 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
     assert train.main([str(a) for a in [*args, "--image-size", "30", "--time-budget", "2", *TINY_MODEL]]) == 0
     said = capsys.readouterr().out
     assert "takes patch 2 at most" in said and "15x15 token grid" in said and "--image-size 32" in said
+    args[3] = out = tmp_path / "fifty"  # the size suggested does take the patch it is said to
+    assert train.main([str(a) for a in [*args, "--image-size", "50", *TINY_MODEL]]) == 0
+    said = capsys.readouterr().out
+    assert "takes patch 2 at most" in said and "--image-size 48 (patch 4, 12x12)" in said
+    args[3] = out = tmp_path / "taken"
+    assert train.main([str(a) for a in [*args, "--image-size", "48", *TINY_MODEL]]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["patch_size"] == 4
+    assert "takes patch" not in capsys.readouterr().out
     args[3] = out = tmp_path / "odd"  # none at all for the conv stem: refused before anything is written
     assert train.main([str(a) for a in [*args, "--image-size", "31", "--time-budget", "2", *TINY_MODEL]]) == 2
     said = capsys.readouterr().err

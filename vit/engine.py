@@ -275,7 +275,8 @@ class Trainer:
         if self.cfg.ema_decay_auto and self.ema is not None:
             s.ema_decay = ema_decay_for(epochs * self.steps_per_epoch)
             self.ema.multi_avg_fn = get_ema_multi_avg_fn(s.ema_decay)
-        if self.d.main and TimeBudget.worth_saying(epochs, self.said_epochs):
+        capped_now = epochs == self.budget.max_epochs != self.said_epochs  # the cap is always news
+        if self.d.main and (TimeBudget.worth_saying(epochs, self.said_epochs) or capped_now):
             self.said_epochs = epochs
             capped = ""
             ends = time.perf_counter() - self.started + (epochs - s.epoch) * per_epoch
@@ -387,6 +388,7 @@ class Trainer:
         if s.step_in_epoch == min(6, self.steps_per_epoch):
             step = s.sums["step"] / s.step_in_epoch
             share = len(self.val_ds) / max(len(self.train_ds), 1)
+            share *= 2 if self.model.config.mirror_average else 1  # validation's two views
             elapsed = time.perf_counter() - self.started
             self.set_total_epochs(self.budget.first_estimate(step, self.steps_per_epoch, share, elapsed),
                                   self.budget.epoch_guess(step, self.steps_per_epoch, share))  # fmt: skip
