@@ -140,9 +140,9 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
                 )
             log(
                 f"Note: --image-size {size} takes patch {patch} at most (a power of 2 that divides it), a "
-                f"{size // patch}x{size // patch} token grid, finer than the recipe's patch {ideal} for this size: "
-                f"each step costs several times more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, "
-                "chooses otherwise"
+                f"{size // patch}x{size // patch} token grid, finer than the recipe's for images this size (patch "
+                f"{ideal} at {recipe.input_size_for(size, device, budget)[0]} px): each step costs several times "
+                f"more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, chooses otherwise"
             )
     values = {**partial, **flags}
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):

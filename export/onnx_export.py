@@ -75,9 +75,9 @@ class Exportable(nn.Module):
                 grid = a + b.flip(-1)
                 grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
             outs.append(grid)
-        if self.ood is not None:
-            n = pixel_values.shape[0]  # the score reads the image as given (export.ood fits it so)
-            outs.append(self.ood(torch.cat([t[:n] for t in taps[-self.ood.blocks :]], dim=-1)))
+        if self.ood is not None:  # the blocks' pooled outputs, averaged over the views as in export.ood
+            f = torch.cat(taps[-self.ood.blocks :], dim=-1)
+            outs.append(self.ood(f.unflatten(0, (2, -1)).mean(0) if mirrored else f))
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     def rollout(self, attns: list[torch.Tensor]) -> torch.Tensor:

@@ -94,13 +94,17 @@ def blocks_for(images: int, depth: int, dim: int) -> int:
 @torch.no_grad()
 def pooled_features(model, x: np.ndarray, blocks: int | None = None, batch: int = 64) -> np.ndarray:
     """What the score reads, for preprocessed images (N, 3, H, W): the last ``blocks`` blocks'
-    outputs (all if None), each pooled as the model pools its last, side by side (N, blocks * D)."""
+    outputs (all if None), each pooled as the model pools its last, side by side (N, blocks * D).
+    A model that averages each image with its mirror (``mirror_average``) averages these too, so
+    the score, like the prediction, is the same for an image and its mirror."""
     model.eval()
     out = []
     for i in range(0, len(x), batch):
-        taps = []
-        model.forward_pooled(torch.from_numpy(x[i : i + batch]), taps=taps)
-        out.append(torch.cat(taps[-(blocks or len(taps)) :], dim=-1))
+        taps, xb = [], torch.from_numpy(x[i : i + batch])
+        views = torch.cat([xb, xb.flip(-1)]) if model.config.mirror_average else xb
+        model.forward_pooled(views, taps=taps)
+        f = torch.cat(taps[-(blocks or len(taps)) :], dim=-1)
+        out.append(f.unflatten(0, (2, -1)).mean(0) if model.config.mirror_average else f)
     return torch.cat(out).numpy()
 
 

@@ -339,9 +339,12 @@ def test_a_mirror_averaging_run_exports_both_views(run_dir, tmp_path):
     clf = Classifier(run / "model.onnx")
     assert clf.metadata["views"] == "the image and its mirror, logits averaged"
     x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
-    logits, grid = clf.session.run(["logits", "attention"], {"pixel_values": x})[:2]
-    logits_m, grid_m = clf.session.run(["logits", "attention"], {"pixel_values": x[..., ::-1].copy()})[:2]
+    logits, grid, score = clf.session.run(["logits", "attention", "ood_score"], {"pixel_values": x})
+    logits_m, grid_m, score_m = clf.session.run(
+        ["logits", "attention", "ood_score"], {"pixel_values": x[..., ::-1].copy()}
+    )
     assert np.allclose(logits, logits_m, atol=1e-4) and np.allclose(grid_m, grid[..., ::-1], atol=1e-5)
+    assert np.allclose(score, score_m, rtol=1e-4)  # "unlike its classes" is the same for both views too
 
 
 def test_temperature_scaling_recovers_a_known_temperature():
