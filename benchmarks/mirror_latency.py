@@ -1,0 +1,81 @@
+"""What predicting from the image and its mirror (``mirror_average``) costs in the exported
+file: onnxruntime latency at batch 1, 2 threads, attention map included, plain against
+mirror-averaging files of the CPU recipe's small-data model (6 blocks, width 128, conv stem,
+mean pooling) at its three input sizes.
+
+    python benchmarks/mirror_latency.py         # about a minute; writes benchmarks/mirror_latency_cpu.json
+
+The files are timed in rotating blocks (every file once per round, 15 rounds of 40 calls),
+so a machine that speeds up or slows down affects them alike; medians of the rounds. Random
+weights: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = ((32, 8), (64, 8), (128, 16))  # (input px, patch): 4x4, 8x8 and 8x8 token grids
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import to_onnx
+    from vit import ViT, ViTConfig
+    from vit.bench import machine
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "mirror_latency_cpu.json")
+    a = p.parse_args(argv)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    files = {}
+    for size, patch in SIZES:
+        cfg = ViTConfig(
+            image_size=size, patch_size=patch, num_classes=10, dim=128, depth=6, heads=4, mlp_dim=256,
+            stem="conv", class_token=False, pool="avg", fc_norm=True,
+        )  # fmt: skip
+        x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+        for mirror in (False, True):
+            torch.manual_seed(0)
+            model = ViT(dataclasses.replace(cfg, mirror_average=mirror)).eval()
+            proto = to_onnx(model, attention=True).SerializeToString()
+            session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+            for _ in range(30):
+                session.run(None, {"pixel_values": x})
+            files[(size, patch, mirror)] = (session, x, [])
+    for _ in range(a.rounds):
+        for session, x, times in files.values():
+            t = time.perf_counter()
+            for _ in range(a.calls):
+                session.run(None, {"pixel_values": x})
+            times.append((time.perf_counter() - t) / a.calls * 1e3)
+    rows = []
+    for size, patch in SIZES:
+        plain, both = (float(np.median(files[(size, patch, m)][2])) for m in (False, True))
+        rows.append(dict(input=f"{size} px / patch {patch}", plain_ms=round(plain, 3), mirror_ms=round(both, 3),
+                         ratio=round(both / plain, 2)))  # fmt: skip
+        print(
+            f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
+            f"({both / plain:.2f}x)"
+        )
+    doc = {"command": "python benchmarks/mirror_latency.py", "machine": machine(), "rows": rows}
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
