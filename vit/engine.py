@@ -287,7 +287,7 @@ class Trainer:
                 )
             self.log(
                 f"Time budget {self.budget.seconds / 60:g} min: about {per_epoch:.1f}s per epoch, so {epochs} "
-                f"epochs (of at most {self.budget.max_epochs}){capped}"
+                f"epoch{'s' if epochs != 1 else ''} (of at most {self.budget.max_epochs}){capped}"
             )
 
     def stop_requested(self) -> bool:
