@@ -27,7 +27,7 @@ from torch import nn
 
 from vit import files
 from vit.imageio import Preprocessing
-from vit.model import ViT
+from vit.model import ViT, mean_of_views, with_mirrors
 from vit.report import expected_calibration_error
 from vit.run import RunDir
 from vit.runtime import softmax
@@ -62,12 +62,11 @@ class Exportable(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor):
         m, taps = self.model, ([] if self.ood is not None else None)
-        x, mirrored = pixel_values, m.config.mirror_average
-        if mirrored:  # the image and its mirror in one batch, as ViT.forward does in eval mode
-            x = torch.cat([x, x.flip(-1)])
+        mirrored = m.config.mirror_average  # the image and its mirror in one batch, as ViT.forward in eval mode
+        x = with_mirrors(pixel_values) if mirrored else pixel_values
         y, attns = m.forward_pooled(x, fused=not self.attention, return_attn=self.attention, taps=taps)
         logits = m.head(m.fc_norm(y))
-        outs = [logits.unflatten(0, (2, -1)).mean(0) if mirrored else logits]
+        outs = [mean_of_views(logits) if mirrored else logits]
         if self.attention:
             grid = self.rollout(attns)
             if mirrored:  # the mirror's map, mirrored back, averaged with the image's
@@ -77,7 +76,7 @@ class Exportable(nn.Module):
             outs.append(grid)
         if self.ood is not None:  # the blocks' pooled outputs, averaged over the views as in export.ood
             f = torch.cat(taps[-self.ood.blocks :], dim=-1)
-            outs.append(self.ood(f.unflatten(0, (2, -1)).mean(0) if mirrored else f))
+            outs.append(self.ood(mean_of_views(f) if mirrored else f))
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     def rollout(self, attns: list[torch.Tensor]) -> torch.Tensor:

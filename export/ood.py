@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vit.model import mean_of_views, with_mirrors
+
 FIT_IMAGES = 10_000  # training images for the class means and covariance (stratified)
 IMAGES_PER_DIM = 10  # fit images per feature dimension before another block's features are added
 KEEP = 0.985  # the threshold keeps at least this share of new in-distribution images
@@ -98,13 +100,12 @@ def pooled_features(model, x: np.ndarray, blocks: int | None = None, batch: int 
     A model that averages each image with its mirror (``mirror_average``) averages these too, so
     the score, like the prediction, is the same for an image and its mirror."""
     model.eval()
-    out = []
+    mirrored, out = model.config.mirror_average, []
     for i in range(0, len(x), batch):
         taps, xb = [], torch.from_numpy(x[i : i + batch])
-        views = torch.cat([xb, xb.flip(-1)]) if model.config.mirror_average else xb
-        model.forward_pooled(views, taps=taps)
+        model.forward_pooled(with_mirrors(xb) if mirrored else xb, taps=taps)
         f = torch.cat(taps[-(blocks or len(taps)) :], dim=-1)
-        out.append(f.unflatten(0, (2, -1)).mean(0) if model.config.mirror_average else f)
+        out.append(mean_of_views(f) if mirrored else f)
     return torch.cat(out).numpy()
 
 

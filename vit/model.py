@@ -354,6 +354,16 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+def with_mirrors(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (2B, C, H, W): the images, then their left-right mirrors (``mirror_average``)."""
+    return torch.cat([images, images.flip(-1)])
+
+
+def mean_of_views(t: torch.Tensor) -> torch.Tensor:
+    """(2B, ...) from ``with_mirrors`` -> (B, ...): each image's result averaged with its mirror's."""
+    return t.unflatten(0, (2, -1)).mean(0)
+
+
 class ViT(nn.Module):
     """The Vision Transformer: Eq. 1 -> L x (Eq. 2, Eq. 3) -> Eq. 4 -> linear head.
 
@@ -460,11 +470,9 @@ class ViT(nn.Module):
         """images (B, C, H, W) -> logits (B, K); with ``mirror_average``, in eval mode, the mean
         of the logits of each image and its mirror (one batch of 2B through the encoder)."""
         mirrored = self.config.mirror_average and not self.training
-        if mirrored:
-            images = torch.cat([images, images.flip(-1)])
-        y, _ = self.forward_features(images)
+        y, _ = self.forward_features(with_mirrors(images) if mirrored else images)
         logits = self.head(self.head_drop(y))
-        return logits.unflatten(0, (2, -1)).mean(0) if mirrored else logits
+        return mean_of_views(logits) if mirrored else logits
 
     def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, K) and each block's attention weights through the explicit path, for the
