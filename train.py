@@ -124,15 +124,17 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         size = flags["image_size"]  # the patch follows the size chosen, not the images' own
         budget = partial.get("time_budget")
         patch = partial["patch_size"] = recipe.patch_for(size, device, budget)
-        ideal = recipe.input_size_for(size, device, budget)[1]  # the recipe's patch for images this size
-        if patch < ideal or (patch < 2 and flags.get("stem", partial["stem"]) == "conv"):
+        ideal_size, ideal = recipe.input_size_for(size, device, budget)  # the recipe's for images this size
+        refused = patch < 2 and flags.get("stem", partial["stem"]) == "conv"
+        if patch < ideal or refused:
 
             def whole(n: int) -> bool:  # size n takes the recipe's own patch for it
                 return recipe.patch_for(n, device, budget) == recipe.input_size_for(n, device, budget)[1]
 
             near = min((n for n in range(8, 2 * size + 9) if whole(n)), key=lambda n: (abs(n - size), n))
-            p, g = recipe.patch_for(near, device, budget), near // recipe.patch_for(near, device, budget)
-            if patch < 2 and flags.get("stem", partial["stem"]) == "conv":
+            p = recipe.patch_for(near, device, budget)
+            g = near // p
+            if refused:
                 raise ValueError(
                     f"--image-size {size}: the conv stem needs a patch of 2, 4, 8 ... px that divides the size into a "
                     f"grid of at least 4x4, and {size} has none; use --image-size {near} (patch {p}, the recipe's), "
@@ -141,7 +143,7 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
             log(
                 f"Note: --image-size {size} takes patch {patch} at most (a power of 2 that divides it), a "
                 f"{size // patch}x{size // patch} token grid, finer than the recipe's for images this size (patch "
-                f"{ideal} at {recipe.input_size_for(size, device, budget)[0]} px): each step costs several times "
+                f"{ideal} at {ideal_size} px): each step costs several times "
                 f"more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, chooses otherwise"
             )
     values = {**partial, **flags}
@@ -160,8 +162,9 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     elif "hflip" not in flags:
         values["hflip_note"] = f"off: the recipe leaves it out for images of {recipe.GLYPH_SIDE} px or less (glyphs)"
     if values.get("mirror_average") is None:
-        # A model that learned from mirror images predicts from both the image and its mirror:
-        # +1.3 points on the 32 px shapes (3 splits; +0.0 to +3.0), at twice the inference compute.
+        # A model that learned from mirror images predicts from both the image and its mirror: on
+        # the shapes at 32 and 64 px, better on all 6 splits by 0.6-3.8 points, at 1.3-1.8 times
+        # the exported file's latency (benchmarks/learning_2min_mirror_shapes_cpu.json, mirror_latency_cpu.json).
         values["mirror_average"] = values["hflip"] > 0
     if values.get("layer_decay") == 1:
         values["layer_decay"] = None
