@@ -317,7 +317,23 @@ def new_run(args, device: str, world: int):
     cfg = resolve(args, scan, split.train, device, prep, world)
     scan.thumbs.clear()  # only the recipe's checks needed them
     torch.manual_seed(cfg.seed)
-    return run, cfg, scan, split, build_model(cfg, scan.classes, module), False
+    model = build_model(cfg, scan.classes, module)
+    coarse_grid_note(model.config)
+    return run, cfg, scan, split, model, False
+
+
+def coarse_grid_note(model_cfg) -> None:
+    """Say so when a patch size leaves a grid coarser than the recipe's coarsest (4x4): with a
+    token or two per side, attention has almost nothing to relate (1x1: nothing at all)."""
+    gh, gw = model_cfg.grid_size
+    if min(gh, gw) >= 4:
+        return
+    h, w = model_cfg.image_size
+    log(
+        f"Note: --patch-size {model_cfg.patch_size} at {h}x{w} px leaves a {gh}x{gw} token grid: "
+        f"{'one token, so attention has nothing to relate' if gh * gw == 1 else 'attention relates only a few tokens'}; "
+        f"the recipe's grids are 4x4 or finer (a patch of at most {min(h, w) // 4} px that divides the size)"
+    )
 
 
 def train(args) -> int:
@@ -376,12 +392,29 @@ def train(args) -> int:
             leave_process_group(d)
             return 130
         leave_process_group(d)
+        if d.main and budget is not None and not resumed:
+            if note := unspent_budget_note(budget, state, time.perf_counter() - t_start):
+                log(note)
         if d.main:  # alone now: the report may take longer than a collective's timeout
             finish_run(run, run_config, trainer, state, (val_ds, test_ds), scan.classes, t_start)
         return 0
     finally:
         if d.world > 1 and torch.distributed.is_initialized():  # an error before training ended
             torch.distributed.destroy_process_group()
+
+
+def unspent_budget_note(budget, state, elapsed: float) -> str | None:
+    """Why a run with a time budget ended with more than 10% of it left, if it did."""
+    if not budget.unspent(elapsed):
+        return None
+    used = f"Training used {elapsed / 60:.1f} of its {budget.seconds / 60:g} min budget"
+    if state.total_epochs >= budget.max_epochs:
+        return f"{used}: it reached its cap of {budget.max_epochs} epochs (--epochs N with --time-budget sets another)"
+    return (
+        f"{used}: its epochs sped up after the half-way point by less than the "
+        f"{budget.LATE_GROWTH:.0%} that lengthens a run that late (a longer schedule would raise the learning "
+        "rate again)"
+    )
 
 
 def leave_process_group(d) -> None:

@@ -260,7 +260,8 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
     assert "40x40 input, patch 8 (5x5 tokens)," in capsys.readouterr().out
     args[3] = out = tmp_path / "short"  # the recipe's own size, in a short budget: a coarser grid, said so
     assert train.main([str(a) for a in [*args, "--time-budget", "2", *TINY_MODEL]]) == 0
-    assert "64x64 input, patch 16 (4x4 tokens, coarser for a short budget)," in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "64x64 input, patch 16 (4x4 tokens, coarser for a short budget)," in said and "token grid:" not in said
     args[3] = out = tmp_path / "fine"  # a size with no patch near the recipe's: trained, and said why it is slow
     assert train.main([str(a) for a in [*args, "--image-size", "30", "--time-budget", "2", *TINY_MODEL]]) == 0
     said = capsys.readouterr().out
@@ -277,6 +278,10 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
     assert train.main([str(a) for a in [*args, "--image-size", "31", "--time-budget", "2", *TINY_MODEL]]) == 2
     said = capsys.readouterr().err
     assert "--image-size 31" in said and "use --image-size 32 (patch 8" in said and not out.exists()
+    args[3] = out = tmp_path / "one"  # the linear stem takes any patch that divides: one token is said so
+    flags = ["--image-size", "31", "--stem", "patch", "--patch-size", "31"]
+    assert train.main([str(a) for a in [*args, *flags, *TINY_MODEL]]) == 0
+    assert "leaves a 1x1 token grid: one token" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("cpus, workers", [(2, 0), (3, 2)])

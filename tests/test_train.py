@@ -421,6 +421,31 @@ def test_time_budget_keeps_to_the_budget_without_training(slow_down):
     assert elapsed >= 300 - 2 * 10 * slow_down  # and the budget is used (within two epochs)
 
 
+def test_time_budget_is_spent_after_a_slowed_start():
+    """A run slowed at its start (another job on the machine) planned few epochs; when the
+    epochs speed up, even past half the run, the length grows to spend the budget, and a run
+    that could not is told why at the end."""
+    from types import SimpleNamespace
+
+    from train import unspent_budget_note
+    from vit.budget import TimeBudget
+
+    b = TimeBudget(seconds=300, max_epochs=1000)
+    elapsed, done = 5.0, 0
+    planned = first = b.first_estimate(step_seconds=1.0, steps_per_epoch=30, val_share=0.2, elapsed=elapsed)
+    while done < planned:
+        took = 30.0 if done < 6 else 10.0  # three times slower for the first six epochs
+        elapsed, done = elapsed + took, done + 1
+        planned = b.after_epoch(took, done, planned, elapsed)
+    assert first <= 10 and planned >= 15  # grew past the first plan's half-way point
+    assert 0.9 * 300 <= elapsed <= 300 + 10
+    assert unspent_budget_note(b, SimpleNamespace(total_epochs=planned), elapsed) is None
+    said = unspent_budget_note(b, SimpleNamespace(total_epochs=1000), 120.0)
+    assert said.startswith("Training used 2.0 of its 5 min budget: it reached its cap of 1000 epochs")
+    said = unspent_budget_note(b, SimpleNamespace(total_epochs=40), 240.0)
+    assert "sped up after the half-way point by less than the 20%" in said
+
+
 def test_time_budget_says_news_not_every_refit():
     """The length is refitted after every epoch; the log says it only when it moves by 10% (and
     2 epochs) from what it last said, so a jittery clock does not print it at every epoch, while

@@ -28,15 +28,29 @@ class TimeBudget:
         return max(1, min(self.max_epochs, int((self.seconds - elapsed) / max(per_epoch, 1e-9))))
 
     def after_epoch(self, epoch_seconds: float, done: int, planned: int, elapsed: float) -> int:
-        """The run's new length after an epoch ended. Measured epochs (their median, so one slow
-        epoch does not decide) replace the first estimate, which runs long because the first
-        steps are slow. In the first half of the run the length may grow or shrink; after that
-        it may only shrink, so a machine that slows down does not overrun the budget."""
+        """The run's new length after an epoch ended. Measured epochs replace the first estimate,
+        which runs long because the first steps are slow: the median of the later half of them
+        (at least ``RECENT``), so one slow epoch does not decide, the length does not wobble with
+        each epoch's time, and a machine whose speed changes for good is followed.
+        In the first half of the run the length may grow or shrink. After that it may shrink, so
+        a machine that slows down does not overrun the budget, and grow only when at least
+        ``LATE_GROWTH`` more fit: a run whose start was slowed (by another job, say) still spends
+        its budget, while the ordinary wobble of epoch times does not stretch the learning-rate
+        schedule late in the run."""
         self.epoch_seconds.append(epoch_seconds)
-        per_epoch = statistics.median(self.epoch_seconds)
-        fits = done + int(max(0.0, self.seconds - elapsed) / max(per_epoch, 1e-9))
-        epochs = min(self.max_epochs, fits) if done < planned / 2 else min(planned, fits)
-        return max(done, epochs)
+        per_epoch = statistics.median(self.epoch_seconds[-max(self.RECENT, len(self.epoch_seconds) // 2) :])
+        fits = min(self.max_epochs, done + int(max(0.0, self.seconds - elapsed) / max(per_epoch, 1e-9)))
+        late = done >= planned / 2
+        if late and fits > planned and (fits < planned * (1 + self.LATE_GROWTH) or fits < planned + 2):
+            return planned
+        return max(done, fits)
+
+    RECENT = 5  # the fewest epochs whose median time is taken for the run's speed
+    LATE_GROWTH = 0.2  # after half the run, grow only when this much longer a run fits
+
+    def unspent(self, elapsed: float) -> bool:
+        """Whether a run that ended after ``elapsed`` seconds left more than 10% of the budget."""
+        return elapsed < 0.9 * self.seconds
 
     @staticmethod
     def worth_saying(epochs: int, said: int | None) -> bool:
