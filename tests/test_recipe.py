@@ -134,6 +134,14 @@ def test_glyph_sized_images_get_no_flip_and_the_run_says_why(shapes_dir, tmp_pat
     assert train.main([str(a) for a in args]) == 0
     t = json.loads((out / "config.json").read_text())["train"]
     assert t["hflip"] == 0.0 and t["hflip_note"] == "off: the recipe leaves it out for images of 16 px or less (glyphs)"
+    assert t["drop_path"] == 0.1  # hundreds of epochs in a CPU budget: regularised
+
+
+@pytest.mark.parametrize("native, device, drop_path", [(8, "cpu", 0.1), (16, "cpu", 0.1), (32, "cpu", 0.0), (32, "cuda", 0.1)])
+def test_stochastic_depth_where_runs_are_long(native, device, drop_path):
+    """On a CPU only glyph-sized images train long enough to need stochastic depth; larger ones
+    get a few dozen epochs in a budget and underfit. On a GPU every run is long."""
+    assert scratch_recipe(1500, native, device)["drop_path"] == drop_path
 
 
 def answers(right: int, n: int = 200, shift: int = 0) -> torch.Tensor:

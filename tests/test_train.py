@@ -504,7 +504,7 @@ def test_finetuning_from_our_own_run_reads_its_config(run_dir, shapes_dir, tmp_p
     lone.parent.mkdir()
     lone.write_bytes((run_dir / "model.safetensors").read_bytes())
     for src in (run_dir, run_dir / "model.safetensors", lone):
-        cfg = TrainConfig(pretrained=str(src), dropout=0.0, drop_path=0.0, image_size=32)
+        cfg = TrainConfig(pretrained=str(src), dropout=0.0, drop_path=ref.config.drop_path, image_size=32)
         model = build_model(cfg, labels).eval()
         assert model.config == ref.config and model.config.heads == 2 and model.config.stem == "conv"
         with torch.no_grad():
