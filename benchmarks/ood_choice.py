@@ -36,23 +36,29 @@ from benchmarks.ood import auroc, digits, letters, photos, synthetic  # noqa: E4
 from export.ood import KEEP, conformal_threshold, fit_gaussian  # noqa: E402
 from vit.bench import portable  # noqa: E402
 from vit.imageio import Preprocessing, open_image  # noqa: E402
+from vit.model import mean_of_views, with_mirrors  # noqa: E402
 from vit.run import RunDir  # noqa: E402
 from vit.runtime import softmax  # noqa: E402
 
 
 @torch.no_grad()
 def features(model, prep: dict, images: list) -> dict[str, np.ndarray]:
-    """Per image: every block's pooled tokens (N, L, D), the head's input, and the logits."""
+    """Per image: every block's pooled tokens (N, L, D), the head's input, and the logits; for a
+    model that averages each image with its mirror (``mirror_average``), each averaged over the
+    two views, as the model's prediction and the exported score are."""
     prep = Preprocessing.from_dict(prep)
+    mirrored = model.config.mirror_average
+    views = with_mirrors if mirrored else (lambda x: x)
+    mean = mean_of_views if mirrored else (lambda t: t)
     taps, heads, logits = [], [], []
     for i in range(0, len(images), 128):
         x = torch.from_numpy(np.stack([prep(im.convert("RGB")) for im in images[i : i + 128]]))
         t = []
-        y, _ = model.forward_pooled(x, taps=t)
+        y, _ = model.forward_pooled(views(x), taps=t)
         f = model.fc_norm(y)
-        taps.append(torch.stack(t, 1))
-        heads.append(f)
-        logits.append(model.head(f))
+        taps.append(mean(torch.stack(t, 1)))
+        heads.append(mean(f))
+        logits.append(mean(model.head(f)))
     cat = lambda xs: torch.cat(xs).double().numpy()  # noqa: E731
     return dict(taps=cat(taps), head=cat(heads), logits=cat(logits))
 

@@ -83,3 +83,30 @@ def test_results_files_name_no_folder_of_this_machine():
         for s in lines:
             if s.startswith("python benchmarks/learning.py "):
                 parser().parse_args(shlex.split(s)[2:])  # exits on a command that does not parse
+
+
+def test_ood_choice_reads_both_views_of_a_mirror_model():
+    """benchmarks/ood_choice.py scores what the model and the exported file score: for a model
+    that averages each image with its mirror, every feature is the same for an image and its
+    mirror, and the logits are the model's own."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from benchmarks.ood_choice import features
+    from vit import ViT
+
+    torch.manual_seed(0)
+    cfg = dict(image_size=16, patch_size=4, dim=32, depth=2, heads=2, mlp_dim=64, num_classes=3, stem="conv")
+    model = ViT(ViTConfig(**cfg, pool="avg", class_token=False, mirror_average=True)).eval()
+    prep = dict(image_size=[16, 16], mean=[0.5] * 3, std=[0.5] * 3, interpolation="bicubic", crop_pct=1.0)
+    a = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    images = [Image.fromarray(a), Image.fromarray(np.ascontiguousarray(a[:, ::-1]))]
+    f = features(model, prep, images)
+    for key in ("taps", "head", "logits"):
+        assert np.allclose(f[key][0], f[key][1], atol=1e-5), key
+    single = features(ViT(ViTConfig(**cfg, pool="avg", class_token=False)).eval(), prep, images)
+    assert not np.allclose(single["taps"][0], single["taps"][1], atol=1e-3)  # the check can fail
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1 for im in images]))
+        assert np.allclose(f["logits"], model(x).double().numpy(), atol=1e-5)
