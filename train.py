@@ -329,10 +329,10 @@ def coarse_grid_note(model_cfg) -> None:
     if min(gh, gw) >= 4:
         return
     h, w = model_cfg.image_size
+    what = "one token: attention has nothing to relate" if gh * gw == 1 else "coarser than any of the recipe's"
     log(
-        f"Note: --patch-size {model_cfg.patch_size} at {h}x{w} px leaves a {gh}x{gw} token grid: "
-        f"{'one token, so attention has nothing to relate' if gh * gw == 1 else 'attention relates only a few tokens'}; "
-        f"the recipe's grids are 4x4 or finer (a patch of at most {min(h, w) // 4} px that divides the size)"
+        f"Note: --patch-size {model_cfg.patch_size} at {h}x{w} px leaves a {gh}x{gw} token grid ({what}); the "
+        f"recipe's grids are 4x4 or finer (a patch of at most {min(h, w) // 4} px that divides the size)"
     )
 
 
@@ -410,11 +410,13 @@ def unspent_budget_note(budget, state, elapsed: float) -> str | None:
     used = f"Training used {elapsed / 60:.1f} of its {budget.seconds / 60:g} min budget"
     if state.total_epochs >= budget.max_epochs:
         return f"{used}: it reached its cap of {budget.max_epochs} epochs (--epochs N with --time-budget sets another)"
-    return (
-        f"{used}: its epochs sped up after the half-way point by less than the "
-        f"{budget.LATE_GROWTH:.0%} that lengthens a run that late (a longer schedule would raise the learning "
-        "rate again)"
-    )
+    if budget.held:
+        return (
+            f"{used}: its epochs sped up after the half-way point by less than the "
+            f"{budget.LATE_GROWTH:.0%} that lengthens a run that late (a longer schedule would raise the learning "
+            "rate again)"
+        )
+    return f"{used}: its last epochs ran faster than the ones its length was fitted from"
 
 
 def leave_process_group(d) -> None:

@@ -423,11 +423,7 @@ def test_time_budget_keeps_to_the_budget_without_training(slow_down):
 
 def test_time_budget_is_spent_after_a_slowed_start():
     """A run slowed at its start (another job on the machine) planned few epochs; when the
-    epochs speed up, even past half the run, the length grows to spend the budget, and a run
-    that could not is told why at the end."""
-    from types import SimpleNamespace
-
-    from train import unspent_budget_note
+    epochs speed up, even past half the run, the length grows to spend the budget."""
     from vit.budget import TimeBudget
 
     b = TimeBudget(seconds=300, max_epochs=1000)
@@ -438,12 +434,51 @@ def test_time_budget_is_spent_after_a_slowed_start():
         elapsed, done = elapsed + took, done + 1
         planned = b.after_epoch(took, done, planned, elapsed)
     assert first <= 10 and planned >= 15  # grew past the first plan's half-way point
-    assert 0.9 * 300 <= elapsed <= 300 + 10
-    assert unspent_budget_note(b, SimpleNamespace(total_epochs=planned), elapsed) is None
+    assert 0.9 * 300 <= elapsed <= 300 + 10 and not b.unspent(elapsed)
+
+
+def test_time_budget_does_not_stretch_late_for_wobble():
+    """After half the run, epoch times that wobble (4-6 s) do not lengthen it (each growth would
+    raise the learning rate again late in the schedule); a machine twice as fast from then on does."""
+    import random
+
+    from vit.budget import TimeBudget
+
+    rng = random.Random(0)
+    for speedup in (1.0, 2.0):
+        b = TimeBudget(seconds=600, max_epochs=1000)
+        elapsed, done = 5.0, 0
+        planned = b.first_estimate(step_seconds=0.2, steps_per_epoch=30, val_share=0.2, elapsed=elapsed)
+        grew_late = 0
+        while done < planned:
+            took = rng.uniform(4.0, 6.0) / (speedup if done >= 60 else 1.0)
+            elapsed, done = elapsed + took, done + 1
+            new = b.after_epoch(took, done, planned, elapsed)
+            grew_late += done >= planned / 2 and new > planned
+            planned = new
+        assert (grew_late > 0) == (speedup > 1.0)
+        assert elapsed >= 0.9 * 600 or b.held
+
+
+def test_an_unspent_budget_is_explained():
+    """A budgeted run that leaves more than 10% of its budget, and time for another epoch, says
+    why: its epoch cap, or the late-growth rule; less than an epoch left is not news."""
+    from types import SimpleNamespace
+
+    from train import unspent_budget_note
+    from vit.budget import TimeBudget
+
+    b = TimeBudget(seconds=300, max_epochs=1000, epoch_seconds=[20.0] * 6)
+    assert unspent_budget_note(b, SimpleNamespace(total_epochs=12), 285.0) is None  # 5% left
+    said = unspent_budget_note(b, SimpleNamespace(total_epochs=12), 265.0)  # 35 s left: room for a 20 s epoch
+    assert said.endswith("its last epochs ran faster than the ones its length was fitted from")
     said = unspent_budget_note(b, SimpleNamespace(total_epochs=1000), 120.0)
     assert said.startswith("Training used 2.0 of its 5 min budget: it reached its cap of 1000 epochs")
-    said = unspent_budget_note(b, SimpleNamespace(total_epochs=40), 240.0)
+    b.held = True
+    said = unspent_budget_note(b, SimpleNamespace(total_epochs=9), 240.0)
     assert "sped up after the half-way point by less than the 20%" in said
+    b = TimeBudget(seconds=60, max_epochs=1000, epoch_seconds=[25.0])
+    assert unspent_budget_note(b, SimpleNamespace(total_epochs=1), 40.0) is None  # 20 s left: no room for a 25 s epoch
 
 
 def test_time_budget_says_news_not_every_refit():

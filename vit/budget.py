@@ -15,6 +15,7 @@ class TimeBudget:
     seconds: float  # the whole run's budget, set-up included
     max_epochs: int  # never more than this, however much time is left
     epoch_seconds: list[float] = field(default_factory=list)  # measured whole epochs, validation included
+    held: bool = False  # the last refit kept a shorter length than fits (the late-growth rule)
 
     @staticmethod
     def epoch_guess(step_seconds: float, steps_per_epoch: int, val_share: float) -> float:
@@ -34,23 +35,28 @@ class TimeBudget:
         each epoch's time, and a machine whose speed changes for good is followed.
         In the first half of the run the length may grow or shrink. After that it may shrink, so
         a machine that slows down does not overrun the budget, and grow only when at least
-        ``LATE_GROWTH`` more fit: a run whose start was slowed (by another job, say) still spends
+        ``LATE_GROWTH`` more fit (``held`` says it did not grow): a run whose start was slowed (by another job, say) still spends
         its budget, while the ordinary wobble of epoch times does not stretch the learning-rate
         schedule late in the run."""
         self.epoch_seconds.append(epoch_seconds)
-        per_epoch = statistics.median(self.epoch_seconds[-max(self.RECENT, len(self.epoch_seconds) // 2) :])
-        fits = min(self.max_epochs, done + int(max(0.0, self.seconds - elapsed) / max(per_epoch, 1e-9)))
-        late = done >= planned / 2
-        if late and fits > planned and (fits < planned * (1 + self.LATE_GROWTH) or fits < planned + 2):
-            return planned
-        return max(done, fits)
+        fits = min(self.max_epochs, done + int(max(0.0, self.seconds - elapsed) / max(self.per_epoch(), 1e-9)))
+        self.held = done >= planned / 2 and planned < fits < planned * (1 + self.LATE_GROWTH)
+        return planned if self.held else max(done, fits)
 
     RECENT = 5  # the fewest epochs whose median time is taken for the run's speed
     LATE_GROWTH = 0.2  # after half the run, grow only when this much longer a run fits
 
+    def per_epoch(self) -> float:
+        """Seconds per epoch as the run's length is fitted: the median of the later half of the
+        measured epochs, at least the last ``RECENT`` (0 before any)."""
+        recent = self.epoch_seconds[-max(self.RECENT, len(self.epoch_seconds) // 2) :]
+        return statistics.median(recent) if recent else 0.0
+
     def unspent(self, elapsed: float) -> bool:
-        """Whether a run that ended after ``elapsed`` seconds left more than 10% of the budget."""
-        return elapsed < 0.9 * self.seconds
+        """Whether a run that ended after ``elapsed`` seconds left more than 10% of the budget and
+        time for at least one more epoch."""
+        left = self.seconds - elapsed
+        return left > 0.1 * self.seconds and left >= self.per_epoch()
 
     @staticmethod
     def worth_saying(epochs: int, said: int | None) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -566,7 +565,7 @@ class Trainer:
                     now = time.perf_counter()
                     took, mark = now - mark, now
                     epochs = self.budget.after_epoch(took, s.epoch, s.total_epochs, now - self.started)
-                    self.set_total_epochs(epochs, statistics.median(self.budget.epoch_seconds))
+                    self.set_total_epochs(epochs, self.budget.per_epoch())
                 self.log_epoch(row, improved)
                 self.save_checkpoint()
                 if self.stop_requested() and s.epoch < s.total_epochs:  # a signal during validation
