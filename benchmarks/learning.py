@@ -287,11 +287,14 @@ def run_svm(root: Path, classes: list[str]) -> dict:
 
 
 def ordinary_recipe(model, xtr, ytr, xte, yte, budget_s: float, side: int, seed: int, lr: float) -> dict:
-    """AdamW, one warm-up epoch then cosine to the budget, label smoothing 0.1, a small random
-    affine per image; the final weights on the test split."""
+    """AdamW, one warm-up epoch then cosine to the budget (its length refitted from the measured
+    epochs as train.py's is), label smoothing 0.1, a small random affine per image; the final weights on the
+    test split."""
     import torch
     import torch.nn.functional as F
     from torchvision.transforms import v2 as T
+
+    from vit.budget import TimeBudget
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -306,6 +309,7 @@ def ordinary_recipe(model, xtr, ytr, xte, yte, budget_s: float, side: int, seed:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     batch, n = 64, len(xtr_t)
     steps_per_epoch = math.ceil(n / batch)
+    budget = TimeBudget(budget_s, max_epochs=10**6)
     planned, epoch, step = None, 0, 0
     while planned is None or epoch < planned:
         e0 = time.perf_counter()
@@ -326,8 +330,10 @@ def ordinary_recipe(model, xtr, ytr, xte, yte, budget_s: float, side: int, seed:
             if time.perf_counter() - t0 > budget_s:
                 break
         epoch += 1
-        if planned is None:  # the schedule's length, from the first epoch's time
-            planned = max(1, int((budget_s - (time.perf_counter() - t0)) / (time.perf_counter() - e0)) + 1)
+        # The schedule's length, refitted after each epoch by the same rule as train.py's
+        # (vit.budget): a first epoch slower than the rest does not end the run early.
+        now = time.perf_counter()
+        planned = budget.after_epoch(now - e0, epoch, planned or budget.max_epochs, now - t0)
         if time.perf_counter() - t0 > budget_s:
             break
     model.eval()

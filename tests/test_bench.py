@@ -110,3 +110,33 @@ def test_ood_choice_reads_both_views_of_a_mirror_model():
     with torch.no_grad():
         x = torch.from_numpy(np.stack([np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1 for im in images]))
         assert np.allclose(f["logits"], model(x).double().numpy(), atol=1e-5)
+
+
+def test_the_baselines_schedule_fills_its_budget(monkeypatch):
+    """benchmarks/learning.py's ordinary recipe (the ResNet-18's and timm ViT's) refits its
+    length from the measured epochs, so a slow first epoch does not end the run early."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from benchmarks.learning import ordinary_recipe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8), rng.integers(0, 2, 64)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    epochs, randperm = [], torch.randperm
+
+    def counted(n, *a, **k):  # each epoch starts with one permutation of the images
+        epochs.append(n)
+        return randperm(n, *a, **k)
+
+    def slow_first_epoch(module, args):  # its one step takes a third of the budget
+        if module.training and len(epochs) == 1:
+            time.sleep(1.0)
+
+    monkeypatch.setattr(torch, "randperm", counted)
+    model.register_forward_pre_hook(slow_first_epoch)
+    t0 = time.perf_counter()
+    out = ordinary_recipe(model, x, y, x[:8], y[:8], budget_s=3.0, side=32, seed=0, lr=1e-3)
+    assert time.perf_counter() - t0 >= 0.9 * 3.0 and out["epochs"] > 10
