@@ -330,9 +330,14 @@ def coarse_grid_note(model_cfg) -> None:
         return
     h, w = model_cfg.image_size
     what = "one token: attention has nothing to relate" if gh * gw == 1 else "coarser than any of the recipe's"
+    fits = [p for p in range(min(h, w) // 4, 1, -1) if h % p == 0 and w % p == 0]
+    instead = f"--patch-size {fits[0]} gives {h // fits[0]}x{w // fits[0]}" if fits else (
+        f"no patch of 2 px or more divides {h}x{w} into 4x4 or more: --image-size {max(8, round(min(h, w) / 8) * 8)} "
+        "takes the recipe's"
+    )  # fmt: skip
     log(
         f"Note: --patch-size {model_cfg.patch_size} at {h}x{w} px leaves a {gh}x{gw} token grid ({what}); the "
-        f"recipe's grids are 4x4 or finer (a patch of at most {min(h, w) // 4} px that divides the size)"
+        f"recipe's grids are 4x4 or finer: {instead}"
     )
 
 
@@ -393,8 +398,7 @@ def train(args) -> int:
             return 130
         leave_process_group(d)
         if d.main and budget is not None and not resumed:
-            if note := unspent_budget_note(budget, state, time.perf_counter() - t_start):
-                log(note)
+            log(budget_use(budget, state, time.perf_counter() - t_start))
         if d.main:  # alone now: the report may take longer than a collective's timeout
             finish_run(run, run_config, trainer, state, (val_ds, test_ds), scan.classes, t_start)
         return 0
@@ -403,11 +407,18 @@ def train(args) -> int:
             torch.distributed.destroy_process_group()
 
 
+def budget_use(budget, state, elapsed: float) -> str:
+    """How much of its time budget a run used, and why, when it left more than 10% of it."""
+    return unspent_budget_note(budget, state, elapsed) or (
+        f"Training used {elapsed / 60:.2f} of its {budget.seconds / 60:g} min budget"
+    )
+
+
 def unspent_budget_note(budget, state, elapsed: float) -> str | None:
     """Why a run with a time budget ended with more than 10% of it left, if it did."""
     if not budget.unspent(elapsed):
         return None
-    used = f"Training used {elapsed / 60:.1f} of its {budget.seconds / 60:g} min budget"
+    used = f"Training used {elapsed / 60:.2f} of its {budget.seconds / 60:g} min budget"
     if state.total_epochs >= budget.max_epochs:
         return f"{used}: it reached its cap of {budget.max_epochs} epochs (--epochs N with --time-budget sets another)"
     if budget.held:
@@ -438,10 +449,12 @@ def write_new_run(run, run_config: dict, scan, split, cfg) -> None:
 
 def short_budget_grid(cfg, m, device: str) -> bool:
     """Whether the recipe chose a 4x4 grid because the CPU budget is short (vit.recipe.input_size_for)."""
-    from vit.recipe import short_cpu_budget
+    from vit.recipe import input_size_for
 
-    coarse = min(m.image_size) > 24 and max(m.grid_size) <= 4  # 4x4 where the rule for glyphs gives 4x4 anyway
-    return short_cpu_budget(device, cfg.time_budget) and not cfg.pretrained and coarse
+    side = min(m.image_size)
+    short, usual = input_size_for(side, device, cfg.time_budget), input_size_for(side, device, 0)
+    # the recipe's own size and patch for this budget, where a longer budget gives a finer grid
+    return not cfg.pretrained and short == (side, m.patch_size) and short != usual
 
 
 def describe_start(model, cfg, device, world: int) -> None:

@@ -293,7 +293,13 @@ def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
     args[3] = out = tmp_path / "one"  # the linear stem takes any patch that divides: one token is said so
     flags = ["--image-size", "31", "--stem", "patch", "--patch-size", "31"]
     assert train.main([str(a) for a in [*args, *flags, *TINY_MODEL]]) == 0
-    assert "leaves a 1x1 token grid (one token: attention has nothing to relate)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "leaves a 1x1 token grid (one token: attention has nothing to relate)" in said
+    assert "no patch of 2 px or more divides 31x31 into 4x4 or more: --image-size 32" in said
+    args[3] = out = tmp_path / "two"  # a patch the user chose is not the short budget's doing
+    assert train.main([str(a) for a in [*args, "--patch-size", "32", "--time-budget", "2", *TINY_MODEL]]) == 0
+    said = capsys.readouterr().out
+    assert "patch 32 (2x2 tokens)," in said and "--patch-size 16 gives 4x4" in said
 
 
 @pytest.mark.parametrize("cpus, workers", [(2, 0), (3, 2)])
