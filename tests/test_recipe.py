@@ -139,7 +139,13 @@ def test_glyph_sized_images_get_no_flip_and_the_run_says_why(shapes_dir, tmp_pat
 
 @pytest.mark.parametrize(
     "images, native, device, drop_path",
-    [(1500, 8, "cpu", 0.1), (1500, 16, "cpu", 0.1), (1500, 32, "cpu", 0.0), (20_000, 8, "cpu", 0.0), (1500, 32, "cuda", 0.1)],
+    [
+        (1500, 8, "cpu", 0.1),
+        (1500, 16, "cpu", 0.1),
+        (1500, 32, "cpu", 0.0),
+        (20_000, 8, "cpu", 0.0),
+        (1500, 32, "cuda", 0.1),
+    ],
 )
 def test_stochastic_depth_where_runs_are_long(images, native, device, drop_path):
     """On a CPU only a few thousand glyph-sized images train long enough to need stochastic

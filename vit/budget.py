@@ -35,9 +35,9 @@ class TimeBudget:
         each epoch's time, and a machine whose speed changes for good is followed.
         In the first half of the run the length may grow or shrink. After that it may shrink, so
         a machine that slows down does not overrun the budget, and grow only when at least
-        ``LATE_GROWTH`` more fit (``held`` says it did not grow): a run whose start was slowed (by another job, say) still spends
-        its budget, while the ordinary wobble of epoch times does not stretch the learning-rate
-        schedule late in the run."""
+        ``LATE_GROWTH`` more fit (``held`` says it did not grow): a run whose start was slowed
+        (by another job, say) still spends its budget, while the ordinary wobble of epoch times
+        does not stretch the learning-rate schedule late in the run."""
         self.epoch_seconds.append(epoch_seconds)
         fits = min(self.max_epochs, done + int(max(0.0, self.seconds - elapsed) / max(self.per_epoch(), 1e-9)))
         self.held = done >= planned / 2 and planned < fits < planned * (1 + self.LATE_GROWTH)
