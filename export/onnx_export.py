@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -537,12 +538,29 @@ def ood_metadata(
     for name, images in probe_images().items():
         rates[name] = float(np.mean(scores(np.stack([prep(im) for im in images])) <= threshold))
     log("answered as known: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
+    enough = math.ceil(KEEP / (1 - KEEP))  # the fewest images with a ceil((n + 1) * KEEP)-th score
+    if len(val) < enough:
+        log(
+            f"warning: {len(val)} validation images are too few for the {KEEP:.1%} quantile (at least {enough}): "
+            "the threshold is the largest of their scores, and the share of new known images it keeps is not known"
+        )
+    fooled = [name for name in probe_images() if rates[name] > 0.5]
+    if fooled:
+        log(
+            f"warning: most of the {', '.join(fooled)} images made here are answered as known: this model's score "
+            "cannot tell them from its classes, so 'unlike the training classes' will rarely be said; more "
+            "training and validation images help"
+        )
+    conformal = f"the split-conformal {KEEP:.1%} quantile"
+    quantile = f"{conformal} of {len(val)} validation images' scores"
+    if len(val) < enough:
+        quantile = f"the largest of {len(val)} validation images' scores (too few for {conformal})"
     return {
         "ood_threshold": f"{threshold:.6g}",
         "ood_rule": "squared Mahalanobis distance of the pooled features"
         + (f" of the last {scorer.blocks} blocks, fitted on {scorer.fit_images} training images," if scorer else "")
         + " to the nearest class mean (one shared covariance); an image is unlike the training classes above "
-        f"the split-conformal {KEEP:.1%} quantile of {len(val)} validation images' scores",
+        + quantile,
         "ood_known_rates": json.dumps({k: round(v, 4) for k, v in rates.items()}),
     }
 

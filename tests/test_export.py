@@ -381,6 +381,11 @@ def test_ood_score_in_the_file_equals_pytorch_and_carries_its_fit(exported, run_
     meta = clf.metadata
     assert float(meta["ood_threshold"]) == clf.ood_threshold > 0
     assert "Mahalanobis" in meta["ood_rule"] and "conformal" in meta["ood_rule"]
+    from vit.run import RunDir
+
+    n_val = len(RunDir(run_dir).items("val"))  # below 66, the 98.5% quantile does not exist, and the file says so
+    assert (f"largest of {n_val} validation images' scores (too few" in meta["ood_rule"]) == (n_val < 66)
+    assert (f"quantile of {n_val} validation images' scores" in meta["ood_rule"]) == (n_val >= 66)
     rates = json.loads(meta["ood_known_rates"])
     assert {"validation", "uniform noise", "flat colours", "smooth gradients"} <= set(rates)
     model, _, _ = load_run(run_dir)
