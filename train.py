@@ -409,25 +409,23 @@ def train(args) -> int:
 
 def budget_use(budget, state, elapsed: float) -> str:
     """How much of its time budget a run used, and why, when it left more than 10% of it."""
-    return unspent_budget_note(budget, state, elapsed) or (
-        f"Training used {elapsed / 60:.2f} of its {budget.seconds / 60:g} min budget"
-    )
+    used = f"Training used {elapsed / 60:.2f} of its {budget.seconds / 60:g} min budget"
+    why = unspent_reason(budget, state, elapsed)
+    return f"{used}: {why}" if why else used
 
 
-def unspent_budget_note(budget, state, elapsed: float) -> str | None:
+def unspent_reason(budget, state, elapsed: float) -> str | None:
     """Why a run with a time budget ended with more than 10% of it left, if it did."""
     if not budget.unspent(elapsed):
         return None
-    used = f"Training used {elapsed / 60:.2f} of its {budget.seconds / 60:g} min budget"
     if state.total_epochs >= budget.max_epochs:
-        return f"{used}: it reached its cap of {budget.max_epochs} epochs (--epochs N with --time-budget sets another)"
+        return f"it reached its cap of {budget.max_epochs} epochs (--epochs N with --time-budget sets another)"
     if budget.held:
         return (
-            f"{used}: its epochs sped up after the half-way point by less than the "
-            f"{budget.LATE_GROWTH:.0%} that lengthens a run that late (a longer schedule would raise the learning "
-            "rate again)"
+            f"its epochs sped up after the half-way point by less than the {budget.LATE_GROWTH:.0%} that "
+            "lengthens a run that late (a longer schedule would raise the learning rate again)"
         )
-    return f"{used}: its last epochs ran faster than the ones its length was fitted from"
+    return "its last epochs ran faster than the ones its length was fitted from"
 
 
 def leave_process_group(d) -> None:

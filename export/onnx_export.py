@@ -535,26 +535,26 @@ def ood_metadata(
     rates = {"validation": float(np.mean(val <= threshold))}
     if tested is not None and tested["ood_scores"] is not None:
         rates["held-out test"] = float(np.mean(tested["ood_scores"] <= threshold))
-    for name, images in probe_images().items():
+    probes = probe_images()
+    for name, images in probes.items():
         rates[name] = float(np.mean(scores(np.stack([prep(im) for im in images])) <= threshold))
     log("answered as known: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
     enough = math.ceil(KEEP / (1 - KEEP))  # the fewest images with a ceil((n + 1) * KEEP)-th score
+    conformal = f"the split-conformal {KEEP:.1%} quantile"
+    quantile = f"{conformal} of {len(val)} validation images' scores"
     if len(val) < enough:
+        quantile = f"the largest of {len(val)} validation images' scores (too few for {conformal})"
         log(
             f"warning: {len(val)} validation images are too few for the {KEEP:.1%} quantile (at least {enough}): "
             "the threshold is the largest of their scores, and the share of new known images it keeps is not known"
         )
-    fooled = [name for name in probe_images() if rates[name] > 0.5]
+    fooled = [name for name in probes if rates[name] > 0.5]
     if fooled:
         log(
             f"warning: most of the {', '.join(fooled)} images made here are answered as known: this model's score "
             "cannot tell them from its classes, so 'unlike the training classes' will rarely be said; more "
             "training and validation images help"
         )
-    conformal = f"the split-conformal {KEEP:.1%} quantile"
-    quantile = f"{conformal} of {len(val)} validation images' scores"
-    if len(val) < enough:
-        quantile = f"the largest of {len(val)} validation images' scores (too few for {conformal})"
     return {
         "ood_threshold": f"{threshold:.6g}",
         "ood_rule": "squared Mahalanobis distance of the pooled features"

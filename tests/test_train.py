@@ -465,21 +465,21 @@ def test_an_unspent_budget_is_explained():
     why: its epoch cap, or the late-growth rule; less than an epoch left is not news."""
     from types import SimpleNamespace
 
-    from train import budget_use, unspent_budget_note
+    from train import budget_use, unspent_reason
     from vit.budget import TimeBudget
 
     b = TimeBudget(seconds=300, max_epochs=1000, epoch_seconds=[20.0] * 6)
-    assert unspent_budget_note(b, SimpleNamespace(total_epochs=12), 285.0) is None  # 5% left
+    assert unspent_reason(b, SimpleNamespace(total_epochs=12), 285.0) is None  # 5% left
     assert budget_use(b, SimpleNamespace(total_epochs=12), 285.0) == "Training used 4.75 of its 5 min budget"
-    said = unspent_budget_note(b, SimpleNamespace(total_epochs=12), 265.0)  # 35 s left: room for a 20 s epoch
+    said = budget_use(b, SimpleNamespace(total_epochs=12), 265.0)  # 35 s left: room for a 20 s epoch
     assert said.endswith("its last epochs ran faster than the ones its length was fitted from")
-    said = unspent_budget_note(b, SimpleNamespace(total_epochs=1000), 120.0)
+    said = budget_use(b, SimpleNamespace(total_epochs=1000), 120.0)
     assert said.startswith("Training used 2.00 of its 5 min budget: it reached its cap of 1000 epochs")
     b.held = True
-    said = unspent_budget_note(b, SimpleNamespace(total_epochs=9), 240.0)
+    said = budget_use(b, SimpleNamespace(total_epochs=9), 240.0)
     assert "sped up after the half-way point by less than the 20%" in said
     b = TimeBudget(seconds=60, max_epochs=1000, epoch_seconds=[25.0])
-    assert unspent_budget_note(b, SimpleNamespace(total_epochs=1), 40.0) is None  # 20 s left: no room for a 25 s epoch
+    assert unspent_reason(b, SimpleNamespace(total_epochs=1), 40.0) is None  # 20 s left: no room for a 25 s epoch
 
 
 def test_time_budget_says_news_not_every_refit():
