@@ -511,3 +511,28 @@ def test_the_file_names_its_starting_weights_without_their_folder():
     assert portable_name("C:\\Users\\someone\\w.npz") == "w.npz"
     assert portable_name("vit_small_patch16_224.augreg_in21k") == "vit_small_patch16_224.augreg_in21k"
     assert portable_name("hf-hub:timm/vit_base_patch16_224") == "hf-hub:timm/vit_base_patch16_224"
+
+
+@pytest.mark.parametrize("n_val, probes_known", [(20, True), (80, False)])
+def test_export_warns_of_too_few_validation_images_and_of_probes_taken_for_known(n_val, probes_known):
+    """Below 66 validation images the 98.5% quantile does not exist: export says so, and the
+    rule says what the threshold is instead; when most generated probe images pass as known,
+    export says the score cannot tell them from the classes."""
+    from types import SimpleNamespace
+
+    from export.onnx_export import ood_metadata
+    from vit.imageio import Preprocessing
+
+    def run(_names, feeds):  # validation images (filled with -5) score 0; probes 0 or far away
+        x = feeds["pixel_values"].reshape(len(feeds["pixel_values"]), -1)
+        return [np.where(x.min(1) < -4, 0.0, 0.0 if probes_known else 1e9)]
+
+    said = []
+    meta = ood_metadata(
+        SimpleNamespace(run=run), np.full((n_val, 3, 16, 16), -5.0, np.float32), None,
+        Preprocessing(16, [0.5] * 3, [0.5] * 3), log=said.append,
+    )  # fmt: skip
+    log = "\n".join(said)
+    assert ("validation images are too few for the 98.5% quantile (at least 66)" in log) == (n_val < 66)
+    assert ("are answered as known: this model's score cannot tell them" in log) == probes_known
+    assert (f"the largest of {n_val} validation images' scores" in meta["ood_rule"]) == (n_val < 66)
