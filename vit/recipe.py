@@ -108,7 +108,7 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         cutmix=0.0,
         erase=0.0 if glyphs or short else 0.25,
         # A few thousand glyph-sized images train for hundreds of epochs in a CPU budget (digits
-        # at 8 px: 127-172 in 5 minutes) and fit their training images: stochastic depth is the
+        # at 8 px: 115-172 in 5 minutes) and fit their training images: stochastic depth is the
         # regulariser that paid there, +0.4 on digits at 5 minutes (better on every split) and
         # +0.7 and +0.8 at 10 and 20 images a class in 1 minute (better on 3 and 2 of 3 splits;
         # benchmarks/learning_5min_droppath_digits_cpu.json, learning_1min_droppath_cpu.json).
