@@ -522,11 +522,30 @@ def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[st
         f"Validation accuracy {state.best_acc:.2%} (epoch {state.best_epoch}, {state.best_weights} "
         f"weights); report in {run / 'report.md'}"
     )
+    if note := learned_little(state.best_acc, labels.numpy(), len(classes), state.total_epochs):
+        log(f"Warning: {note}")
     if test_ds is not None:
         log(
             f"Held-out test accuracy {result['test_acc']:.2%} on {result['test_images']} images "
             f"(never used for any choice); report in {run / 'test' / 'report.md'}"
         )
+
+
+def learned_little(acc: float, labels, num_classes: int, epochs: int, margin: float = 0.05) -> str | None:
+    """A warning when the kept weights are hardly better on validation than always answering
+    its largest class: the run learned next to nothing (too short, or labels that mean nothing)."""
+    import numpy as np
+
+    if len(labels) == 0:
+        return None
+    majority = np.bincount(labels, minlength=num_classes).max() / len(labels)
+    if acc >= majority + margin * (1 - majority):
+        return None
+    return (
+        f"validation accuracy {acc:.1%} is hardly better than always answering the largest class ({majority:.1%}): "
+        f"the model learned next to nothing in {epochs} epoch{'s' if epochs != 1 else ''}. Give it more time "
+        "(--time-budget MINUTES, or more --epochs), and check that each class folder holds what its name says"
+    )
 
 
 def held_out_test(trainer, test_ds, classes: list[str], run_dir: Path) -> dict:

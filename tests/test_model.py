@@ -184,6 +184,7 @@ def test_preset_counts_equal_timm():
         (dict(pool="max"), "pool must be"),
         (dict(stem="resnet"), "stem must be"),
         (dict(stem="conv", patch_size=14), "power of 2"),
+        (dict(stem="conv", stem_depth=0), "stem_depth must be 1 or more"),
     ],
 )
 def test_config_rejects_inconsistent_fields(kwargs, message):
@@ -223,3 +224,17 @@ def test_conv_stem_keeps_the_token_grid_and_refuses_conversion():
     for convert in (lambda: to_timm_state_dict(model), lambda: timm_kwargs(cfg), lambda: save_npz(model, "x.npz")):
         with pytest.raises(ValueError, match="conv stem"):
             convert()
+
+
+def test_a_deeper_conv_stem_adds_stride_1_convolutions_and_keeps_the_first_layers_names():
+    """stem_depth 2: each stage is a stride-2 convolution and a stride-1 one; the grid is the same,
+    and depth 1 is the stem saved runs were trained with, key for key."""
+    cfg = ViTConfig(image_size=16, patch_size=4, dim=64, depth=1, heads=2, mlp_dim=64, num_classes=3, stem="conv")
+    one, two = ViT(cfg), ViT(dataclasses.replace(cfg, stem_depth=2))
+    strides = [m.stride[0] for m in two.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 1, 2, 1]
+    assert [m.stride[0] for m in one.patch_embed.stem if isinstance(m, torch.nn.Conv2d)] == [2, 2]
+    assert set(one.state_dict()) < set(two.state_dict())  # depth 1 keeps the names saved runs have
+    x = torch.randn(2, 3, 16, 16)
+    assert one.embed(x).shape == two.embed(x).shape == (2, 17, 64)
+    assert ViTConfig.from_dict(two.config.to_dict()) == two.config

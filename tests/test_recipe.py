@@ -114,6 +114,17 @@ def test_the_little_data_note_names_the_smallest_class_and_is_quiet_with_enough(
     assert train.little_data_note(items + [(f"b/x{i}", 1) for i in range(38)], ["a", "b"]) is None
 
 
+def test_a_run_that_learned_next_to_nothing_says_so():
+    labels = np.array([0] * 40 + [1] * 30 + [2] * 30)  # always answering class 0 gets 40%
+    note = train.learned_little(0.42, labels, 3, 3)
+    assert note.startswith("validation accuracy 42.0% is hardly better than always answering the largest class (40.0%)")
+    assert "in 3 epochs" in note and "--time-budget" in note
+    assert train.learned_little(0.45, labels, 3, 3) is None  # 5% of the way from 40% to 100%: something learned
+    assert train.learned_little(0.95, labels, 3, 1) is None
+    assert "in 1 epoch." in train.learned_little(0.10, np.arange(10), 10, 1)
+    assert train.learned_little(0.0, np.array([], dtype=int), 3, 1) is None
+
+
 def test_train_keeps_the_flip_for_classes_mirrors_do_not_change(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     write_folder(data, symmetric_classes(40))

@@ -96,6 +96,7 @@ def build_model(cfg, classes: list[str], timm_module=None):
             heads=cfg.heads,
             mlp_dim=cfg.mlp_dim,
             stem=cfg.stem or "patch",
+            stem_depth=cfg.stem_depth or 1,
             # Average pooling goes with no class token and a LayerNorm after pooling (timm's layout).
             pool=pool,
             class_token=pool == "token",

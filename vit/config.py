@@ -42,6 +42,7 @@ class TrainConfig:
         "patch (the paper's linear patch embedding) or conv (a small CNN stem, Xiao et al. 2021)",
         choices=("patch", "conv"),
     )
+    stem_depth: int | None = setting("3x3 convolutions per stage of the conv stem (1: one stride-2 convolution)")
     # ----- schedule -------------------------------------------------------------------------
     epochs: int | None = setting("epochs; given without --time-budget, it turns the time budget off")
     time_budget: float | None = setting("minutes: fit the number of epochs to this wall-clock budget (0: off)")
@@ -109,7 +110,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Refuse values no run can use, naming the flag; None (the recipe picks) always passes."""
         rules = {
-            "positive": ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "epochs", "batch_size",
+            "positive": ("image_size", "patch_size", "stem_depth", "dim", "depth", "heads", "mlp_dim", "epochs", "batch_size",
                          "grad_accum", "lr"),
             "a share in (0, 1)": ("val_fraction",),
             "a probability in [0, 1]": ("hflip", "erase"),
@@ -141,7 +142,7 @@ class TrainConfig:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name not in hidden)
 
 
-ARCHITECTURE = ("model", "dim", "depth", "heads", "mlp_dim", "patch_size", "stem", "pool")
+ARCHITECTURE = ("model", "dim", "depth", "heads", "mlp_dim", "patch_size", "stem", "stem_depth", "pool")
 
 
 def flag_fields() -> list:

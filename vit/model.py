@@ -41,6 +41,7 @@ class ViTConfig:
     mlp_dim: int = 3072  # hidden width of the block MLP (Table 1 "MLP size", 4 * D)
     qkv_bias: bool = True  # the paper's Dense layers all have biases; some variants drop them
     stem: Literal["patch", "conv"] = "patch"  # how images become tokens: see PatchEmbed, ConvStem
+    stem_depth: int = 1  # 3x3 convolutions per stage of the conv stem: one stride-2, the rest stride 1
     class_token: bool = True  # prepend x_class (Eq. 1); without it pool must be "avg"
     pool: Literal["token", "avg"] = "token"  # y from z_L^0 (Eq. 4) or the mean of patch tokens
     fc_norm: bool = False  # final LayerNorm after pooling instead of before (timm's "avg" models)
@@ -71,6 +72,8 @@ class ViTConfig:
             raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"the conv stem needs a patch size that is a power of 2, got {self.patch_size}")
+        if self.stem_depth < 1:
+            raise ValueError(f"stem_depth must be 1 or more, got {self.stem_depth}")
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' needs class_token=True; use pool='avg' without one")
 
@@ -165,18 +168,21 @@ class ConvStem(nn.Module):
     for training from scratch.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, dim: int):
+    def __init__(self, patch_size: int, in_chans: int, dim: int, depth: int = 1):
         super().__init__()
         stages = patch_size.bit_length() - 1  # log2(P)
         layers, c_in = [], in_chans
         for i in range(stages):
             c_out = max(16, dim >> (stages - i))  # D/2^k, ..., D/2
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-            ]
-            c_in = c_out
+            # One stride-2 convolution per stage halves the grid; depth - 1 more at stride 1 look
+            # again at each scale, more like the paper's ResNet hybrid (depth 1: Xiao et al.'s stem).
+            for stride in [2] + [1] * (depth - 1):
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                ]
+                c_in = c_out
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c_in, dim, kernel_size=1)
 
@@ -375,8 +381,10 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = cfg = config
-        stem = ConvStem if cfg.stem == "conv" else PatchEmbed
-        self.patch_embed = stem(cfg.patch_size, cfg.in_chans, cfg.dim)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.patch_size, cfg.in_chans, cfg.dim, cfg.stem_depth)
+        else:
+            self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.dim)
         # x_class and E_pos of Eq. 1; E_pos covers the class token too, as in the paper.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, cfg.dim))
