@@ -110,8 +110,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Refuse values no run can use, naming the flag; None (the recipe picks) always passes."""
         rules = {
-            "positive": ("image_size", "patch_size", "stem_depth", "dim", "depth", "heads", "mlp_dim", "epochs", "batch_size",
-                         "grad_accum", "lr"),
+            "positive": ("image_size", "patch_size", "stem_depth", "dim", "depth", "heads", "mlp_dim", "epochs",
+                         "batch_size", "grad_accum", "lr"),
             "a share in (0, 1)": ("val_fraction",),
             "a probability in [0, 1]": ("hflip", "erase"),
             "in (0, 1]": ("scale_min", "crop_pct", "min_lr_ratio"),
