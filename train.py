@@ -147,6 +147,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
                 f"more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, chooses otherwise"
             )
     values = {**partial, **flags}
+    if values.get("stem") != "conv" and "stem_depth" not in flags:
+        values["stem_depth"] = None  # the recipe's conv stem depth; --stem patch has none
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
         # an explicit --epochs is a request for that many epochs
         values.update(time_budget=None, time_budget_note="off: --epochs was given without --time-budget")

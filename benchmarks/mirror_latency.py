@@ -1,9 +1,10 @@
-"""What predicting from the image and its mirror (``mirror_average``) costs in the exported
-file: onnxruntime latency at batch 1, 2 threads, attention map included, plain against
-mirror-averaging files of the CPU recipe's small-data model (6 blocks, width 128, conv stem,
-mean pooling) at its three input sizes.
+"""What the exported file's options cost: onnxruntime latency at batch 1, 2 threads,
+attention map included, for the CPU recipe's small-data model (6 blocks, width 128, conv
+stem, mean pooling) at each input size the recipe picks, with and without predicting from
+the mirror too (``mirror_average``), and with a conv stem of each depth (``--stem-depth``).
 
-    python benchmarks/mirror_latency.py         # about a minute; writes benchmarks/mirror_latency_cpu.json
+    python benchmarks/mirror_latency.py                      # about a minute; writes benchmarks/mirror_latency_cpu.json
+    python benchmarks/mirror_latency.py --stem-depths 1 2 3 --out benchmarks/stem_latency_cpu.json
 
 The files are timed in rotating blocks (every file once per round, 15 rounds of 40 calls),
 so a machine that speeds up or slows down affects them alike; medians of the rounds. Random
@@ -25,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIZES = ((32, 8), (64, 8), (128, 16))  # (input px, patch): 4x4, 8x8 and 8x8 token grids
+# Every (input, patch) vit.recipe.input_size_for gives on a CPU: glyphs at 8 and 16 px, 32 and
+# 64 px with a short budget's 4x4 grid and a longer one's 8x8, larger images at 128 / 16.
+RECIPE_SIZES = ((8, 2), (16, 4), (32, 8), (32, 4), (64, 16), (64, 8), (128, 16))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,25 +42,29 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--stem-depths", type=int, nargs="+", default=[1],
+                   help="conv stem depths to time; more than one: every recipe input size")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "mirror_latency_cpu.json")
     a = p.parse_args(argv)
+    sizes = SIZES if a.stem_depths == [1] else RECIPE_SIZES
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
     files = {}
-    for size, patch in SIZES:
-        cfg = ViTConfig(
-            image_size=size, patch_size=patch, num_classes=10, dim=128, depth=6, heads=4, mlp_dim=256,
-            stem="conv", class_token=False, pool="avg", fc_norm=True,
-        )  # fmt: skip
-        x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-        for mirror in (False, True):
-            torch.manual_seed(0)
-            model = ViT(dataclasses.replace(cfg, mirror_average=mirror)).eval()
-            proto = to_onnx(model, attention=True).SerializeToString()
-            session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
-            for _ in range(30):
-                session.run(None, {"pixel_values": x})
-            files[(size, patch, mirror)] = (session, x, [])
+    for size, patch in sizes:
+        for depth in a.stem_depths:
+            cfg = ViTConfig(
+                image_size=size, patch_size=patch, num_classes=10, dim=128, depth=6, heads=4, mlp_dim=256,
+                stem="conv", stem_depth=depth, class_token=False, pool="avg", fc_norm=True,
+            )  # fmt: skip
+            x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+            for mirror in (False, True):
+                torch.manual_seed(0)
+                model = ViT(dataclasses.replace(cfg, mirror_average=mirror)).eval()
+                proto = to_onnx(model, attention=True).SerializeToString()
+                session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+                for _ in range(30):
+                    session.run(None, {"pixel_values": x})
+                files[(size, patch, depth, mirror)] = (session, x, [])
     for _ in range(a.rounds):
         for session, x, times in files.values():
             t = time.perf_counter()
@@ -64,15 +72,27 @@ def main(argv: list[str] | None = None) -> dict:
                 session.run(None, {"pixel_values": x})
             times.append((time.perf_counter() - t) / a.calls * 1e3)
     rows = []
-    for size, patch in SIZES:
-        plain, both = (float(np.median(files[(size, patch, m)][2])) for m in (False, True))
-        rows.append(dict(input=f"{size} px / patch {patch}", plain_ms=round(plain, 3), mirror_ms=round(both, 3),
-                         ratio=round(both / plain, 2)))  # fmt: skip
-        print(
-            f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
-            f"({both / plain:.2f}x)"
-        )
-    doc = {"command": "python benchmarks/mirror_latency.py", "machine": machine(), "rows": rows}
+    for size, patch in sizes:
+        base = float(np.median(files[(size, patch, a.stem_depths[0], False)][2]))
+        for depth in a.stem_depths:
+            plain, both = (float(np.median(files[(size, patch, depth, m)][2])) for m in (False, True))
+            row = dict(input=f"{size} px / patch {patch}", plain_ms=round(plain, 3), mirror_ms=round(both, 3),
+                       ratio=round(both / plain, 2))  # fmt: skip
+            line = f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
+            line += f"({both / plain:.2f}x)"
+            if len(a.stem_depths) > 1:
+                row = dict(row, stem_depth=depth, plain_vs_first=round(plain / base, 2),
+                           mirror_vs_first=round(both / base, 2))  # fmt: skip
+                line += f", stem depth {depth}: {plain / base:.2f}x and {both / base:.2f}x"
+                line += f" depth {a.stem_depths[0]}'s plain file"
+            rows.append(row)
+            print(line)
+    command = "python benchmarks/mirror_latency.py"
+    if a.stem_depths != [1]:
+        command += " --stem-depths " + " ".join(map(str, a.stem_depths))
+    if a.out != ROOT / "benchmarks" / "mirror_latency_cpu.json":
+        command += f" --out benchmarks/{a.out.name}"
+    doc = {"command": command, "machine": machine(), "rows": rows}
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 

@@ -185,6 +185,7 @@ def test_preset_counts_equal_timm():
         (dict(stem="resnet"), "stem must be"),
         (dict(stem="conv", patch_size=14), "power of 2"),
         (dict(stem="conv", stem_depth=0), "stem_depth must be 1 or more"),
+        (dict(stem="patch", stem_depth=2), "needs stem='conv'"),
     ],
 )
 def test_config_rejects_inconsistent_fields(kwargs, message):

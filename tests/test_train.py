@@ -516,6 +516,19 @@ def test_explicit_epochs_turn_the_budget_off_and_say_so(shapes_dir, tmp_path, ca
     assert "Time budget: off: --epochs was given without --time-budget" in capsys.readouterr().out
 
 
+def test_printed_settings_say_which_values_the_budget_will_set():
+    """With a budget, the epochs (a cap) and the automatic EMA decay are not yet known at the start."""
+    from vit.config import TrainConfig
+
+    fitted = TrainConfig(time_budget=5.0, epochs=1000, ema_decay=0.9994, ema_decay_auto=True).shown()
+    assert "epochs=fitted to the budget (at most 1000)" in fitted and "ema_decay=auto" in fitted
+    assert "0.9994" not in fitted
+    chosen = TrainConfig(time_budget=5.0, epochs=1000, ema_decay=0.999, ema_decay_auto=False).shown()
+    assert "ema_decay=0.999" in chosen
+    plain = TrainConfig(time_budget=None, epochs=30, ema_decay=0.99, ema_decay_auto=True).shown()
+    assert "epochs=30" in plain and "ema_decay=0.99" in plain and "fitted" not in plain
+
+
 @pytest.mark.parametrize(
     "flag, value", [("--pool", "tokn"), ("--stem", "resnet"), ("--augment", "strong"), ("--interpolation", "cubic")]
 )
@@ -677,6 +690,14 @@ def test_settings_no_run_can_use_are_refused_by_name(shapes_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "settings no run can use" in err and flag in err and "must be" in err
     assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_a_stem_depth_without_the_conv_stem_is_refused(shapes_dir, tmp_path, capsys):
+    args = ["--data", shapes_dir, "--out", tmp_path / "r", "--stem", "patch", "--stem-depth", "2"]
+    assert run_train(*args) == 2
+    err = capsys.readouterr().err
+    assert "--stem-depth 2" in err and "--stem conv" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(shapes_dir, tmp_path, capsys):

@@ -132,6 +132,8 @@ class TrainConfig:
             for name in names
             if getattr(self, name) is not None and not ok[rule](getattr(self, name))
         ]
+        if (self.stem_depth or 1) > 1 and self.stem != "conv":
+            bad.append(f"--stem-depth {self.stem_depth} (the patch stem has no depth: give it with --stem conv)")
         if bad:
             raise ValueError("settings no run can use: " + ", ".join(bad))
         return self
@@ -139,7 +141,12 @@ class TrainConfig:
     def shown(self) -> str:
         """The settings, one line, as printed at the start of a run."""
         hidden = {"data", "time_budget_note", "hflip_note", "ema_decay_auto", "epochs_fitted", "model"}
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name not in hidden)
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        if self.time_budget:  # the budget fits the length, and the EMA follows it
+            shown["epochs"] = f"fitted to the budget (at most {self.epochs})"
+            if self.ema_decay_auto:
+                shown["ema_decay"] = "auto (follows the fitted length)"
+        return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 ARCHITECTURE = ("model", "dim", "depth", "heads", "mlp_dim", "patch_size", "stem", "stem_depth", "pool")

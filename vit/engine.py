@@ -426,7 +426,10 @@ class Trainer:
                 img_s=f"{(s.sums['seen'] - seen0) * self.d.world / (time.perf_counter() - t_epoch):.0f}",
             )  # fmt: skip
             bar.update(1)
-            self.first_estimate()
+            if not s.fitted:
+                self.first_estimate()
+                if s.fitted:  # the bar's "epoch 1/N" follows the length the budget just chose
+                    bar.set_description(f"epoch {s.epoch + 1}/{s.total_epochs}", refresh=False)
             if self.stop_requested():
                 bar.close()
                 self.save_checkpoint()

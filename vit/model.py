@@ -74,6 +74,8 @@ class ViTConfig:
             raise ValueError(f"the conv stem needs a patch size that is a power of 2, got {self.patch_size}")
         if self.stem_depth < 1:
             raise ValueError(f"stem_depth must be 1 or more, got {self.stem_depth}")
+        if self.stem_depth > 1 and self.stem != "conv":
+            raise ValueError(f"stem_depth {self.stem_depth} needs stem='conv': the patch stem is one linear layer")
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' needs class_token=True; use pool='avg' without one")
 
