@@ -700,6 +700,14 @@ def test_a_stem_depth_without_the_conv_stem_is_refused(shapes_dir, tmp_path, cap
     assert not (tmp_path / "r").exists()
 
 
+def test_a_stem_depth_alone_deepens_the_recipes_conv_stem(shapes_dir, tmp_path):
+    out = tmp_path / "r"
+    args = ["--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", "--stem-depth", "2", *TINY_MODEL]
+    assert run_train(*args) == 0
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["stem"] == "conv" and model["stem_depth"] == 2
+
+
 def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(shapes_dir, tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()

@@ -132,7 +132,7 @@ class TrainConfig:
             for name in names
             if getattr(self, name) is not None and not ok[rule](getattr(self, name))
         ]
-        if (self.stem_depth or 1) > 1 and self.stem != "conv":
+        if (self.stem_depth or 1) > 1 and self.stem not in (None, "conv"):  # None: the recipe's, a conv stem
             bad.append(f"--stem-depth {self.stem_depth} (the patch stem has no depth: give it with --stem conv)")
         if bad:
             raise ValueError("settings no run can use: " + ", ".join(bad))
