@@ -1,10 +1,11 @@
 """What the exported file's options cost: onnxruntime latency at batch 1, 2 threads,
 attention map included, for the CPU recipe's small-data model (6 blocks, width 128, conv
-stem, mean pooling) at each input size the recipe picks, with and without predicting from
-the mirror too (``mirror_average``), and with a conv stem of each depth (``--stem-depth``).
+stem, mean pooling) at three input sizes, with and without predicting from the mirror too
+(``mirror_average``); with several conv stem depths (``--stem-depths``), each depth at every
+input size the CPU recipe picks.
 
     python benchmarks/mirror_latency.py                      # about a minute; writes benchmarks/mirror_latency_cpu.json
-    python benchmarks/mirror_latency.py --stem-depths 1 2 3 --out benchmarks/stem_latency_cpu.json
+    python benchmarks/mirror_latency.py --stem-depths 1 2 --out benchmarks/stem_latency_cpu.json  # about 4 minutes
 
 The files are timed in rotating blocks (every file once per round, 15 rounds of 40 calls),
 so a machine that speeds up or slows down affects them alike; medians of the rounds. Random
@@ -37,16 +38,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     from export.onnx_export import to_onnx
     from vit import ViT, ViTConfig
-    from vit.bench import machine
+    from vit.bench import command_line, machine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--stem-depths", type=int, nargs="+", default=[1],
-                   help="conv stem depths to time; more than one: every recipe input size")  # fmt: skip
+                   help="conv stem depths to time (default 1); more than one: at every recipe input size, "
+                        "each against the first depth")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "mirror_latency_cpu.json")
     a = p.parse_args(argv)
-    sizes = SIZES if a.stem_depths == [1] else RECIPE_SIZES
+    several = len(a.stem_depths) > 1
+    sizes = RECIPE_SIZES if several else SIZES
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
     files = {}
@@ -80,18 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
                        ratio=round(both / plain, 2))  # fmt: skip
             line = f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
             line += f"({both / plain:.2f}x)"
-            if len(a.stem_depths) > 1:
-                row = dict(row, stem_depth=depth, plain_vs_first=round(plain / base, 2),
-                           mirror_vs_first=round(both / base, 2))  # fmt: skip
+            if a.stem_depths != [1]:
+                row["stem_depth"] = depth
+            if several:
+                row.update(plain_vs_first=round(plain / base, 2), mirror_vs_first=round(both / base, 2))
                 line += f", stem depth {depth}: {plain / base:.2f}x and {both / base:.2f}x"
                 line += f" depth {a.stem_depths[0]}'s plain file"
             rows.append(row)
             print(line)
-    command = "python benchmarks/mirror_latency.py"
-    if a.stem_depths != [1]:
-        command += " --stem-depths " + " ".join(map(str, a.stem_depths))
-    if a.out != ROOT / "benchmarks" / "mirror_latency_cpu.json":
-        command += f" --out benchmarks/{a.out.name}"
+    command = command_line("python benchmarks/mirror_latency.py", sys.argv[1:] if argv is None else list(argv))
     doc = {"command": command, "machine": machine(), "rows": rows}
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc

@@ -140,3 +140,19 @@ def test_the_baselines_schedule_fills_its_budget(monkeypatch):
     t0 = time.perf_counter()
     out = ordinary_recipe(model, x, y, x[:8], y[:8], budget_s=3.0, side=32, seed=0, lr=1e-3)
     assert time.perf_counter() - t0 >= 0.9 * 3.0 and out["epochs"] > 10
+
+
+def test_stem_latency_times_each_depth_against_the_first(tmp_path, monkeypatch):
+    """benchmarks/mirror_latency.py --stem-depths: a row per input size and depth, each depth's
+    ratio against the first depth's plain file, and a command that names the flags given."""
+    import benchmarks.mirror_latency as ml
+
+    monkeypatch.setattr(ml, "RECIPE_SIZES", ((8, 2),))  # one of the recipe's sizes: quick
+    out = tmp_path / "stem latency.json"
+    doc = ml.main(["--stem-depths", "1", "2", "--rounds", "2", "--calls", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == doc
+    assert [(r["input"], r["stem_depth"]) for r in doc["rows"]] == [("8 px / patch 2", 1), ("8 px / patch 2", 2)]
+    assert all(r["plain_vs_first"] == 1.0 for r in doc["rows"] if r["stem_depth"] == 1)
+    assert all(r["plain_ms"] > 0 and r["mirror_ms"] > 0 for r in doc["rows"])
+    assert doc["command"].startswith("python benchmarks/mirror_latency.py --stem-depths 1 2 --rounds 2")
+    assert str(tmp_path) not in doc["command"]

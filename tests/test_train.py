@@ -683,7 +683,14 @@ def test_an_error_after_workers_started_ends_the_process(shapes_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, value", [("--val-fraction", "1.5"), ("--val-fraction", "0"), ("--batch-size", "0"), ("--hflip", "2")]
+    "flag, value",
+    [
+        ("--val-fraction", "1.5"),
+        ("--val-fraction", "0"),
+        ("--batch-size", "0"),
+        ("--hflip", "2"),
+        ("--stem-depth", "0"),
+    ],
 )
 def test_settings_no_run_can_use_are_refused_by_name(shapes_dir, tmp_path, capsys, flag, value):
     assert run_train("--data", shapes_dir, "--out", tmp_path / "r", flag, value) == 2
@@ -706,6 +713,25 @@ def test_a_stem_depth_alone_deepens_the_recipes_conv_stem(shapes_dir, tmp_path):
     assert run_train(*args) == 0
     model = json.loads((out / "config.json").read_text())["model"]
     assert model["stem"] == "conv" and model["stem_depth"] == 2
+
+
+def test_a_run_saved_before_the_stem_depth_setting_still_resumes_evaluates_and_exports(shapes_dir, tmp_path):
+    """A conv-stem run whose config.json has no stem_depth (saved by an earlier version) is a
+    depth-1 stem: its weights load as they are, and --stem-depth 1 on resume is no change."""
+    from export.onnx_export import export_run
+
+    out = tmp_path / "run"
+    assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", *TINY_MODEL) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (
+        cfg["model"].pop("stem_depth") == 1 and cfg["train"].pop("stem_depth") == 1 and cfg["model"]["stem"] == "conv"
+    )
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert run_train("--resume", out, "--stem-depth", "1", "--workers", "0") == 0
+    assert run_train("--resume", out, "--stem-depth", "2") == 2
+    assert run_train("--eval", out, "--data", shapes_dir, "--out", tmp_path / "eval") == 0
+    export_run(out, tmp_path / "old.onnx")
+    assert (tmp_path / "old.onnx").stat().st_size > 0
 
 
 def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(shapes_dir, tmp_path, capsys):

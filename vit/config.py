@@ -198,6 +198,8 @@ def changed_on_resume(saved: TrainConfig, flags: dict) -> list[str]:
             continue
         if (f.name == "time_budget" and value == 0) or (f.name == "layer_decay" and value == 1):
             value = None  # the off values the run stores as None
+        if f.name == "stem_depth" and old is None and saved.stem == "conv":
+            old = 1  # a conv-stem run from before the setting: depth 1
         same = [float(v) for v in value] == [float(v) for v in old or []] if f.name in ("mean", "std") else value == old
         if not same:
             out.append(f"{flag} {value} (the run has {old})")
