@@ -707,12 +707,13 @@ def test_a_stem_depth_without_the_conv_stem_is_refused(shapes_dir, tmp_path, cap
     assert not (tmp_path / "r").exists()
 
 
-def test_a_stem_depth_alone_deepens_the_recipes_conv_stem(shapes_dir, tmp_path):
+def test_a_stem_depth_alone_sets_the_recipes_conv_stem(shapes_dir, tmp_path):
     out = tmp_path / "r"
-    args = ["--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", "--stem-depth", "2", *TINY_MODEL]
+    args = ["--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", "--stem-depth", "3", *TINY_MODEL]
     assert run_train(*args) == 0
     model = json.loads((out / "config.json").read_text())["model"]
-    assert model["stem"] == "conv" and model["stem_depth"] == 2
+    assert model["stem"] == "conv" and model["stem_depth"] == 3
+    assert "patch_embed.stem.9.weight" in load_file(out / "model.safetensors")  # 2 stages x 3 conv blocks
 
 
 def test_a_run_saved_before_the_stem_depth_setting_still_resumes_evaluates_and_exports(shapes_dir, tmp_path):
@@ -721,7 +722,8 @@ def test_a_run_saved_before_the_stem_depth_setting_still_resumes_evaluates_and_e
     from export.onnx_export import export_run
 
     out = tmp_path / "run"
-    assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", *TINY_MODEL) == 0
+    args = ["--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", "--stem-depth", "1", *TINY_MODEL]
+    assert run_train(*args) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert (
         cfg["model"].pop("stem_depth") == 1 and cfg["train"].pop("stem_depth") == 1 and cfg["model"]["stem"] == "conv"

@@ -42,7 +42,10 @@ class TrainConfig:
         "patch (the paper's linear patch embedding) or conv (a small CNN stem, Xiao et al. 2021)",
         choices=("patch", "conv"),
     )
-    stem_depth: int | None = setting("3x3 convolutions per stage of the conv stem (1: one stride-2 convolution)")
+    stem_depth: int | None = setting(
+        "3x3 convolutions per stage of the conv stem: 1, one stride-2 convolution (Xiao et al.); the recipe's 2 adds a "
+        "stride-1 one"
+    )
     # ----- schedule -------------------------------------------------------------------------
     epochs: int | None = setting("epochs; given without --time-budget, it turns the time budget off")
     time_budget: float | None = setting("minutes: fit the number of epochs to this wall-clock budget (0: off)")
