@@ -56,7 +56,7 @@ def features(model, prep: dict, images: list) -> dict[str, np.ndarray]:
         t = []
         y, _ = model.forward_pooled(views(x), taps=t)
         f = model.fc_norm(y)
-        taps.append(mean(torch.stack(t, 1)))
+        taps.append(mean(torch.stack(t[1:], 1)))  # the blocks' (t[0] is z_0, before any block)
         heads.append(mean(f))
         logits.append(mean(model.head(f)))
     cat = lambda xs: torch.cat(xs).double().numpy()  # noqa: E731

@@ -54,7 +54,7 @@ class Exportable(nn.Module):
     the last block down to the input. For a class-token model it is the class token's row,
     i.e. how much each patch contributed to the prediction; for an average-pooled model
     (class token or not), the mean row. Shape (B, Gh, Gw), scaled so each map's maximum is 1.
-    The score (``export.ood``) reads every block's pooled tokens: (B,), larger is stranger.
+    The score (``export.ood``) reads z_0's and the blocks' pooled tokens: (B,), larger is stranger.
     """
 
     def __init__(self, model: ViT, attention: bool = True, ood: nn.Module | None = None):
@@ -75,8 +75,8 @@ class Exportable(nn.Module):
                 grid = a + b.flip(-1)
                 grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
             outs.append(grid)
-        if self.ood is not None:  # the blocks' pooled outputs, averaged over the views as in export.ood
-            f = torch.cat(taps[-self.ood.blocks :], dim=-1)
+        if self.ood is not None:  # the pooled taps, averaged over the views as in export.ood
+            f = torch.stack(taps, 1)
             outs.append(self.ood(mean_of_views(f) if mirrored else f))
         return tuple(outs) if len(outs) > 1 else outs[0]
 
@@ -270,7 +270,7 @@ def verify(
         from export.ood import pooled_features
 
         with torch.no_grad():
-            ref = ood(torch.from_numpy(pooled_features(model, x, ood.blocks))).numpy()
+            ref = ood(torch.from_numpy(pooled_features(model, x))).numpy()
         got = np.concatenate(
             [sess.run(["ood_score"], {"pixel_values": x[i : i + 32]})[0] for i in range(0, len(x), 32)]
         )
@@ -440,7 +440,7 @@ def export_run(
     model, run, weights = load_run(run_dir)
     prep = Preprocessing.from_dict(run["preprocessing"])
     x, y = split_inputs(run_dir, "val", CALIBRATION_IMAGES, data)
-    scorer = fit_ood(model, run_dir, data, log) if ood else None
+    scorer = fit_ood(model, run_dir, data, x, log) if ood else None
     proto = to_onnx(model, attention, scorer)
     check_x = np.concatenate([x[y == k][: max(1, VERIFY_IMAGES // model.config.num_classes)] for k in np.unique(y)])
     check, session = verify(proto, model, check_x, attention, scorer)  # verified: used for the rest (faster)
@@ -496,26 +496,27 @@ def calibration(logits: np.ndarray, y: np.ndarray, num_classes: int, log=print) 
     }
 
 
-def fit_ood(model: ViT, run_dir: Path, data: Path | None, log=print):
-    """The Mahalanobis score's class means and covariance, from the run's training images."""
-    from export.ood import FIT_IMAGES, MahalanobisScore, blocks_for, fit_gaussian, pooled_features
+def fit_ood(model: ViT, run_dir: Path, data: Path | None, x_val: np.ndarray, log=print):
+    """The score's class means and covariances from the run's training images, and its scales
+    from the validation images ``x_val`` (preprocessed)."""
+    from export.ood import FIT_IMAGES, OODScore, pooled_features
 
     run, cfg = RunDir(run_dir), model.config
     items = run.items("train", FIT_IMAGES)
-    blocks = blocks_for(len(items), cfg.depth, cfg.dim)
     feats, labels, read = [], [], InputReader(run, data)
     for i in range(0, len(items), 256):  # in batches: 10,000 images at 224 px would be 6 GB at once
         x, y, _ = read(items[i : i + 256])
         if len(y):
-            feats.append(pooled_features(model, x, blocks))
+            feats.append(pooled_features(model, x))
             labels.append(y)
     if not labels:
         raise ExportError(f"no training images found under {read.root}: pass the data folder with --data")
     yt = np.concatenate(labels)
-    means, precision = fit_gaussian(np.concatenate(feats), yt, cfg.num_classes)
-    log(f"out-of-distribution score: the last {blocks} of {cfg.depth} blocks, fitted on {len(yt)} training images")
-    scorer = MahalanobisScore(torch.from_numpy(means).float(), torch.from_numpy(precision).float(), blocks)
-    scorer.fit_images = len(yt)
+    scorer = OODScore.fit(np.concatenate(feats), yt, pooled_features(model, x_val), cfg.num_classes, cfg.depth)
+    log(
+        f"out-of-distribution score: the last {scorer.blocks} of {cfg.depth} blocks, guarded by the patch embedding, "
+        f"fitted on {len(yt)} training images"
+    )
     return scorer
 
 
@@ -523,7 +524,7 @@ def ood_metadata(
     session, x_val: np.ndarray, tested: dict | None, prep: Preprocessing, log=print, scorer=None
 ) -> dict[str, str]:
     """The score's threshold (conformal, on validation images) and the rates measured at export."""
-    from export.ood import KEEP, conformal_threshold, probe_images
+    from export.ood import KEEP, STEM_MARGIN, conformal_threshold, probe_images
 
     def scores(x):
         return np.concatenate(
@@ -559,7 +560,9 @@ def ood_metadata(
         "ood_threshold": f"{threshold:.6g}",
         "ood_rule": "squared Mahalanobis distance of the pooled features"
         + (f" of the last {scorer.blocks} blocks, fitted on {scorer.fit_images} training images," if scorer else "")
-        + " to the nearest class mean (one shared covariance); an image is unlike the training classes above "
+        + " to the nearest class mean (one shared covariance), divided by its validation quantile; or, where "
+        + f"larger, the same for the patch embedding's tokens divided by {STEM_MARGIN} times its own; "
+        + "an image is unlike the training classes above "
         + quantile,
         "ood_known_rates": json.dumps({k: round(v, 4) for k, v in rates.items()}),
     }

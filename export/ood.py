@@ -12,9 +12,19 @@ k-nearest-neighbour cosine distance and the relative Mahalanobis distance, and e
 together lowered the share of photos and digits answered as known from 4.5% and 5.3% to
 2.5% and 4.3% (benchmarks/ood_choice.py, benchmarks/ood_choice_cpu.json).
 
+A second distance guards the first: the same score on the patch embedding's tokens z_0,
+before any block, counted only where it is far beyond the validation images' (``STEM_MARGIN``
+times their 98.5% quantile). The last blocks of a model trained for hundreds of epochs on a
+little data map almost anything near some class: a digits model (1,270 images at 8 px, one
+block's features) answered 34-92% of uniform-noise images as known, and 25-60% of photos,
+while z_0 put every one of them at 4.6 times that quantile or more. With the guard, none
+was; on a model with many images, whose last blocks already told them apart, it changed no
+answer (benchmarks/ood.py, 2 seeds each).
+
 Everything is fitted at export from the training run alone (its training images give the
-class means and the covariance; its validation images give the threshold), and the score is
-a graph output, so every runtime (Python, the browser) gets it from the file.
+class means and the covariances; its validation images scale the two distances and give the
+threshold), and the score is a graph output, so every runtime (Python, the browser) gets it
+from the file.
 """
 
 from __future__ import annotations
@@ -30,6 +40,11 @@ from vit.model import mean_of_views, with_mirrors
 FIT_IMAGES = 10_000  # training images for the class means and covariance (stratified)
 IMAGES_PER_DIM = 10  # fit images per feature dimension before another block's features are added
 KEEP = 0.985  # the threshold keeps at least this share of new in-distribution images
+# z_0's distance counts from this many times its validation quantile: far enough that it turns
+# away almost no image the blocks would keep (on the 7-shape model, 1.5 changed no answer on
+# any source), near enough to catch noise, flat colours and photos on the digits model (at 4.6
+# times or more; 3 let 20-45% of unseen shapes and letters through where 1.5 let 3-10%).
+STEM_MARGIN = 1.5
 
 
 class MahalanobisScore(nn.Module):
@@ -39,9 +54,8 @@ class MahalanobisScore(nn.Module):
     expanded into y P y - 2 y P mu + mu P mu, which cancels badly in fp32 when |y| is large.
     """
 
-    def __init__(self, means: torch.Tensor, precision: torch.Tensor, blocks: int = 1):
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor):
         super().__init__()
-        self.blocks = blocks  # it reads the last ``blocks`` blocks' pooled tokens, side by side
         w = torch.linalg.cholesky(precision.double()).float()  # (D, D), lower triangular
         self.register_buffer("w", w)
         self.register_buffer("means_w", (means.double() @ w.double()).float())  # (K, D)
@@ -50,6 +64,48 @@ class MahalanobisScore(nn.Module):
         z = y @ self.w  # (B, D)
         d = (z.unsqueeze(1) - self.means_w.unsqueeze(0)).square().sum(-1)  # (B, K)
         return d.amin(dim=1)
+
+
+class OODScore(nn.Module):
+    """The file's ood_score from the pooled taps (B, depth + 1, D) (``pooled_features``):
+    max(deep / deep_scale, stem / stem_scale), where deep is the Mahalanobis score on the
+    last ``blocks`` blocks side by side and stem the one on z_0 (taps[:, 0]). The scales
+    are fitted on validation images (``fit``), so 1 is about where the deep score alone would
+    have its threshold."""
+
+    def __init__(self, deep: MahalanobisScore, stem: MahalanobisScore, blocks: int, deep_scale=1.0, stem_scale=1.0):
+        super().__init__()
+        self.deep, self.stem, self.blocks = deep, stem, blocks
+        self.register_buffer("scales", torch.tensor([float(deep_scale), float(stem_scale)]))
+
+    def parts(self, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two distances, unscaled: (B,), (B,)."""
+        return self.deep(taps[:, -self.blocks :].flatten(1)), self.stem(taps[:, 0])
+
+    def forward(self, taps: torch.Tensor) -> torch.Tensor:
+        deep, stem = self.parts(taps)
+        return torch.maximum(deep / self.scales[0], stem / self.scales[1])
+
+    @classmethod
+    def fit(cls, train: np.ndarray, labels: np.ndarray, val: np.ndarray, num_classes: int, depth: int):
+        """From the pooled taps of training images (N, depth + 1, D) and their labels, and of
+        validation images (M, depth + 1, D): each distance's Gaussian from the training images,
+        its scale from the validation images (the deep one's conformal quantile, the stem's
+        ``STEM_MARGIN`` times its own)."""
+        blocks = blocks_for(len(labels), depth, train.shape[-1])
+        scorers = [
+            MahalanobisScore(*(torch.from_numpy(a).float() for a in fit_gaussian(f, labels, num_classes)))
+            for f in (train[:, -blocks:].reshape(len(train), -1), train[:, 0])
+        ]
+        score = cls(*scorers, blocks)
+        with torch.no_grad():
+            deep, stem = (d.double().numpy() for d in score.parts(torch.from_numpy(val).float()))
+        tiny = 1e-12
+        score.scales.copy_(
+            torch.tensor([max(conformal_threshold(deep), tiny), STEM_MARGIN * max(conformal_threshold(stem), tiny)])
+        )
+        score.fit_images = len(labels)
+        return score
 
 
 def fit_gaussian(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,17 +150,17 @@ def blocks_for(images: int, depth: int, dim: int) -> int:
 
 
 @torch.no_grad()
-def pooled_features(model, x: np.ndarray, blocks: int | None = None, batch: int = 64) -> np.ndarray:
-    """What the score reads, for preprocessed images (N, 3, H, W): the last ``blocks`` blocks'
-    outputs (all if None), each pooled as the model pools its last, side by side (N, blocks * D).
-    A model that averages each image with its mirror (``mirror_average``) averages these too, so
-    the score, like the prediction, is the same for an image and its mirror."""
+def pooled_features(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """What the score reads, for preprocessed images (N, 3, H, W): z_0 and every block's output,
+    pooled as the model pools its last (N, depth + 1, D). A model that averages each image with
+    its mirror (``mirror_average``) averages these too, so the score, like the prediction, is
+    the same for an image and its mirror."""
     model.eval()
     mirrored, out = model.config.mirror_average, []
     for i in range(0, len(x), batch):
         taps, xb = [], torch.from_numpy(x[i : i + batch])
         model.forward_pooled(with_mirrors(xb) if mirrored else xb, taps=taps)
-        f = torch.cat(taps[-(blocks or len(taps)) :], dim=-1)
+        f = torch.stack(taps, 1)
         out.append(mean_of_views(f) if mirrored else f)
     return torch.cat(out).numpy()
 

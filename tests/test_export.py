@@ -373,7 +373,7 @@ def test_runtime_applies_the_files_temperature(exported, shapes_dir):
 def test_ood_score_in_the_file_equals_pytorch_and_carries_its_fit(exported, run_dir):
     """The file's ood_score is the Mahalanobis score computed in PyTorch from the same fit, and
     its threshold and how it was fitted are in the metadata."""
-    from export.onnx_export import fit_ood
+    from export.onnx_export import fit_ood, split_inputs
     from export.ood import pooled_features
 
     path, _ = exported
@@ -389,10 +389,11 @@ def test_ood_score_in_the_file_equals_pytorch_and_carries_its_fit(exported, run_
     rates = json.loads(meta["ood_known_rates"])
     assert {"validation", "uniform noise", "flat colours", "smooth gradients"} <= set(rates)
     model, _, _ = load_run(run_dir)
-    scorer = fit_ood(model, run_dir, None, log=lambda *_: None)
+    x_val, _ = split_inputs(run_dir, "val")
+    scorer = fit_ood(model, run_dir, None, x_val, log=lambda *_: None)
     x = np.random.default_rng(3).standard_normal((5, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
-        ref = scorer(torch.from_numpy(pooled_features(model, x, scorer.blocks))).numpy()
+        ref = scorer(torch.from_numpy(pooled_features(model, x))).numpy()
     got = clf.run(x)["ood_score"]
     assert np.allclose(got, ref, rtol=1e-4, atol=1e-3), (got, ref)
 
@@ -420,7 +421,7 @@ def test_the_int8_twin_keeps_the_score(exported, run_dir):
     if not int8.exists():
         pytest.skip("the int8 gate refused this tiny model")
     names = {i.name for i in onnx.load(str(int8)).graph.initializer}
-    assert "ood.w" in names and "ood.w_quantized" not in names
+    assert {"ood.deep.w", "ood.stem.w"} <= names and not any(n.endswith("_quantized") and "ood." in n for n in names)
     fp32, q = Classifier(exported[0]), Classifier(int8)
     rng = np.random.default_rng(5)
     noise = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(16)]
@@ -453,6 +454,46 @@ def test_ood_fit_recovers_a_known_gaussian_and_keeps_its_share():
     from export.ood import blocks_for
 
     assert [blocks_for(n, 6, 128) for n in (10_000, 7_560, 1_200)] == [6, 5, 1]  # as many as the images support
+
+
+def test_the_patch_embedding_guards_what_the_last_blocks_miss():
+    """An image whose last blocks look known but whose patch embedding is far from every
+    training image's is unknown, one that is strange in the last blocks is too, and the
+    guard, counted from STEM_MARGIN times its validation quantile, keeps new known images."""
+    from export.ood import KEEP, STEM_MARGIN, OODScore, conformal_threshold
+
+    rng = np.random.default_rng(0)
+    k, depth, d = 3, 2, 6
+    centres = rng.normal(0, 4, (depth + 1, k, d))
+
+    def taps(y, shift=0.0):
+        return centres[:, y].transpose(1, 0, 2) + rng.normal(0, 1, (len(y), depth + 1, d)) + shift
+
+    y = np.repeat(np.arange(k), 400)
+    fit_val = taps(y[::4])
+    score = OODScore.fit(taps(y), y, fit_val, k, depth)
+    assert score.blocks == depth and score.fit_images == len(y)  # 1,200 images support both blocks
+    with torch.no_grad():
+        deep, stem = (p.numpy() for p in score.parts(torch.from_numpy(fit_val).float()))
+    scales = [conformal_threshold(deep, KEEP), STEM_MARGIN * conformal_threshold(stem, KEEP)]
+    assert np.allclose(score.scales.numpy(), scales, rtol=1e-5)
+
+    def answers(t):
+        with torch.no_grad():
+            return score(torch.from_numpy(t).float()).numpy()
+
+    val = answers(taps(y[1::4]))
+    threshold = conformal_threshold(val, KEEP)
+    assert np.mean(answers(taps(y[2::4])) <= threshold) >= 0.95  # new known images stay known
+    stem_only = taps(y[:300])
+    stem_only[:, 0] += 8.0  # far before any block, ordinary in the last one
+    assert np.mean(answers(stem_only) > threshold) >= 0.95
+    deep_only = taps(y[:300])
+    deep_only[:, -1] += 8.0
+    assert np.mean(answers(deep_only) > threshold) >= 0.95
+    plain = taps(y[:300])
+    plain[:, 0] += 0.3  # a little off in the embedding alone: the margin lets it pass
+    assert np.mean(answers(plain) <= threshold) >= 0.9
 
 
 def test_preprocessing_is_one_typed_record_from_run_to_file(run_dir, exported):

@@ -449,13 +449,16 @@ class ViT(nn.Module):
         self, images: torch.Tensor, fused: bool = True, return_attn: bool = False, taps: list | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Eq. 1-4 up to pooling: (B, D), before a LayerNorm that follows pooling (fc_norm), plus
-        attention weights per block. ``taps``, if given, receives every block's output pooled
-        the same way, (B, D) each (the out-of-distribution score reads them; see export.ood).
+        attention weights per block. ``taps``, if given, receives the patch embedding's tokens
+        z_0 averaged, then every block's output pooled as the last is, (B, D) each, depth + 1 in
+        all (the out-of-distribution score reads them; see export.ood).
 
         With class-token pooling only the class token's row of the last block reaches y, so
         that block computes just that one query (keys and values still use every token).
         """
         x = self.embed(images)
+        if taps is not None:  # z_0's class token is the same for every image: the patches alone
+            taps.append(x[:, self.config.num_prefix_tokens :].mean(1))
         attns = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
