@@ -17,6 +17,10 @@ Models:
   open-set  the demo recipe on 7 of the 10 shapes; the 3 it never saw are the near-OOD source
             (the open-set protocol), scored with the same file-borne score
 
+With --without-guard each trained model is also exported a second time from the same weights
+without the patch-embedding guard (``export.ood.STEM_MARGIN``), and scored under "without
+the guard": what the guard changes, on one model.
+
 Sources, all made or found offline: uniform noise, flat colours, smooth gradients,
 scikit-learn's two sample photos and 200 random crops of them, handwritten digits (for the
 shape models), shapes (for the digits model), capital letters rendered in every font the OS
@@ -144,18 +148,35 @@ def bundled(rng: np.random.Generator, work: Path) -> dict:
     return evaluate("bundled", ROOT / "assets" / "model.onnx", in_dist, far)
 
 
-def train_and_export(data: Path, out: Path, args: list[str]) -> Path:
-    for cmd in (
+# export's main with the patch-embedding guard switched off (an infinite margin): the ablation
+UNGUARDED = "import math, sys, export.ood; export.ood.STEM_MARGIN = math.inf; from export.__main__ import main; main()"
+
+
+def train_and_export(data: Path, out: Path, args: list[str], unguarded: bool = False) -> list[Path]:
+    """The trained run's file, and with ``unguarded`` a second one from the same weights
+    without the guard."""
+    cmds = [
         [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--out", str(out), *args],
         [sys.executable, "-m", "export", str(out), "--out", str(out / "model.onnx")],
-    ):
+    ]
+    if unguarded:
+        cmds.append([sys.executable, "-c", UNGUARDED, str(out), "--out", str(out / "unguarded.onnx")])
+    for cmd in cmds:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    return out / "model.onnx"
+    return [out / "model.onnx"] + ([out / "unguarded.onnx"] if unguarded else [])
 
 
-def digits_model(rng: np.random.Generator, work: Path, budget: float, flags: list[str]) -> dict:
+def evaluate_files(name: str, files: list[Path], in_dist: dict[str, list], sources: dict[str, list]) -> dict:
+    """``evaluate`` for the file, and under "without the guard" for its unguarded twin."""
+    doc = evaluate(name, files[0], in_dist, sources)
+    if len(files) > 1:
+        doc["without the guard"] = evaluate(f"{name}-", files[1], in_dist, sources)["sources"]
+    return doc
+
+
+def digits_model(rng: np.random.Generator, work: Path, budget: float, flags: list[str], unguarded: bool) -> dict:
     from sklearn.datasets import load_digits
 
     from vit.datasets import make_shapes
@@ -166,7 +187,8 @@ def digits_model(rng: np.random.Generator, work: Path, budget: float, flags: lis
         folder = root / ("test" if i >= len(d.images) - 300 else "train") / str(y)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((img * 255 / 16).round().astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
-    model = train_and_export(root, work / "digits-run", ["--time-budget", str(budget), "--workers", "1", *flags])
+    args = ["--time-budget", str(budget), "--workers", "1", *flags]
+    files = train_and_export(root, work / "digits-run", args, unguarded)
     shapes = [im.convert("L").resize((8, 8), Image.Resampling.BICUBIC)
               for im in folder_images(make_shapes(work / "shapes8", 30, 64, seed=5))]  # fmt: skip
     far = {
@@ -175,10 +197,10 @@ def digits_model(rng: np.random.Generator, work: Path, budget: float, flags: lis
         "shapes": [Image.eval(s, lambda v: 255 - v) for s in shapes],  # light ink on dark, like these digits
         "letters": [im.resize((8, 8), Image.Resampling.BICUBIC) for im in letters(rng, dark_on_light=False)],
     }
-    return evaluate("digits", model, {"held-out digits": folder_images(root / "test")}, far)
+    return evaluate_files("digits", files, {"held-out digits": folder_images(root / "test")}, far)
 
 
-def open_set_model(rng: np.random.Generator, work: Path, budget: float, flags: list[str]) -> dict:
+def open_set_model(rng: np.random.Generator, work: Path, budget: float, flags: list[str], unguarded: bool) -> dict:
     from vit.datasets import SHAPES, make_shapes
 
     known = tuple(s for s in SHAPES if s not in OPEN_SET_HELD_OUT)
@@ -188,9 +210,9 @@ def open_set_model(rng: np.random.Generator, work: Path, budget: float, flags: l
     unseen = make_shapes(work / "unseen", 100, 64, seed=1, classes=OPEN_SET_HELD_OUT)
     demo = "--image-size 48 --patch-size 8 --dim 128 --depth 6 --heads 4 --mlp-dim 256 --batch-size 64"  # demo-model
     args = ["--time-budget", str(budget), "--workers", "1", "--val-fraction", "0.1", *demo.split(), *flags]
-    model = train_and_export(root, work / "open-set-run", args)
+    files = train_and_export(root, work / "open-set-run", args, unguarded)
     near = {f"unseen shapes ({', '.join(OPEN_SET_HELD_OUT)})": folder_images(unseen)}
-    return evaluate("open-set", model, {"held-out known shapes": folder_images(root / "test")}, near)
+    return evaluate_files("open-set", files, {"held-out known shapes": folder_images(root / "test")}, near)
 
 
 def latency(model: Path, work: Path, rounds: int = 7, runs: int = 200) -> dict:
@@ -230,6 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=4.0, help="training minutes for each model trained here")
     p.add_argument("--seed", type=int, default=0, help="train.py's seed for the models trained here")
     p.add_argument("--vit-flags", default="", help="more train.py flags for the models trained here, one string")
+    p.add_argument(
+        "--without-guard",
+        action="store_true",
+        help="also score each trained model's file "
+        "exported without the patch-embedding guard (export.ood.STEM_MARGIN), from the same weights",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON to write (default: benchmarks/ood_cpu.json "
                    "when every model ran, else none)")  # fmt: skip
     a = p.parse_args(argv)
@@ -249,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
             doc["latency_ms"] = latency(ROOT / "assets" / "model.onnx", Path(tmp))
         for name, fn in (("bundled", bundled), ("digits", digits_model), ("open-set", open_set_model)):
             if name in a.only:
-                doc["models"][name] = fn(rng, Path(tmp)) if name == "bundled" else fn(rng, Path(tmp), a.budget, flags)
+                tmp_path = Path(tmp)
+                doc["models"][name] = (
+                    fn(rng, tmp_path) if name == "bundled" else fn(rng, tmp_path, a.budget, flags, a.without_guard)
+                )
     doc["minutes"] = round((time.perf_counter() - t0) / 60, 1)
     if out is not None:
         from vit import files
