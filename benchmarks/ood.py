@@ -2,8 +2,9 @@
 
     python benchmarks/ood.py                       # all three models (about 15 minutes on 2 CPU cores)
     python benchmarks/ood.py --only bundled        # the shipped file alone (a minute)
-    python benchmarks/ood.py --only digits open-set --seed 1 --vit-flags '--stem-depth 2' \
-        --out benchmarks/ood_stem2_seed1_cpu.json  # the trained models, another seed and recipe
+    python benchmarks/ood.py --only digits open-set --seed 1 --without-guard \
+        --out benchmarks/ood_guard_stem2_seed1_cpu.json  # the trained models, another seed, and the ablation
+    python benchmarks/ood.py --only digits --vit-flags '--stem-depth 1'  # another recipe
 
 For each model, every image goes through the app's own runtime (``vit.runtime``, the ONNX
 file alone) and is counted as answered "sure" (like the training images and confident),
@@ -149,7 +150,10 @@ def bundled(rng: np.random.Generator, work: Path) -> dict:
 
 
 # export's main with the patch-embedding guard switched off (an infinite margin): the ablation
-UNGUARDED = "import math, sys, export.ood; export.ood.STEM_MARGIN = math.inf; from export.__main__ import main; main()"
+UNGUARDED = (
+    "import math, sys, export.ood; export.ood.STEM_MARGIN = math.inf; "
+    "from export.__main__ import main; sys.exit(main())"
+)
 
 
 def train_and_export(data: Path, out: Path, args: list[str], unguarded: bool = False) -> list[Path]:

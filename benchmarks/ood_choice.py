@@ -17,7 +17,8 @@ benchmarks/ood.py (other random draws of them). Candidates:
                  when the training images support it)
 
 Writes benchmarks/ood_choice_cpu.json. The choice was made on these sources, so the
-benchmark's table is not an unseen-source measurement; it is why the file carries maha-all.
+benchmark's table is not an unseen-source measurement; it is why the file carries maha-all
+(guarded since by a distance on the patch embedding, export.ood).
 """
 
 from __future__ import annotations

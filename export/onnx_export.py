@@ -499,20 +499,21 @@ def calibration(logits: np.ndarray, y: np.ndarray, num_classes: int, log=print) 
 def fit_ood(model: ViT, run_dir: Path, data: Path | None, x_val: np.ndarray, log=print):
     """The score's class means and covariances from the run's training images, and its scales
     from the validation images ``x_val`` (preprocessed)."""
-    from export.ood import FIT_IMAGES, OODScore, pooled_features
+    from export.ood import FIT_IMAGES, OODScore, blocks_for, pooled_features
 
     run, cfg = RunDir(run_dir), model.config
     items = run.items("train", FIT_IMAGES)
+    keep = blocks_for(len(items), cfg.depth, cfg.dim)  # what the score can read: the rest is not kept
     feats, labels, read = [], [], InputReader(run, data)
     for i in range(0, len(items), 256):  # in batches: 10,000 images at 224 px would be 6 GB at once
         x, y, _ = read(items[i : i + 256])
         if len(y):
-            feats.append(pooled_features(model, x))
+            feats.append(pooled_features(model, x, keep))
             labels.append(y)
     if not labels:
         raise ExportError(f"no training images found under {read.root}: pass the data folder with --data")
     yt = np.concatenate(labels)
-    scorer = OODScore.fit(np.concatenate(feats), yt, pooled_features(model, x_val), cfg.num_classes, cfg.depth)
+    scorer = OODScore.fit(np.concatenate(feats), yt, pooled_features(model, x_val, keep), cfg.num_classes, cfg.depth)
     log(
         f"out-of-distribution score: the last {scorer.blocks} of {cfg.depth} blocks, guarded by the patch embedding, "
         f"fitted on {len(yt)} training images"

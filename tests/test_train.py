@@ -50,8 +50,8 @@ def test_end_to_end_run_writes_everything(shapes_dir, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["labels"] == ["circle", "cross", "square", "triangle"]
     assert cfg["preprocessing"]["image_size"] == [16, 16]
-    m = cfg["model"]  # the recipe's architecture reaches the model (hybrid stem, mean pooling)
-    assert (m["stem"], m["pool"], m["class_token"], m["fc_norm"]) == ("conv", "avg", False, True)
+    m = cfg["model"]  # the recipe's architecture reaches the model (two-convolution hybrid stem, mean pooling)
+    assert (m["stem"], m["stem_depth"], m["pool"], m["class_token"], m["fc_norm"]) == ("conv", 2, "avg", False, True)
     r = cfg["result"]
     assert r["best_epoch"] in (1, 2) and r["kept"].startswith(("the last epoch", f"epoch {r['best_epoch']} ("))
     model = ViT(ViTConfig.from_dict(cfg["model"]))

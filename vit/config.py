@@ -43,8 +43,8 @@ class TrainConfig:
         choices=("patch", "conv"),
     )
     stem_depth: int | None = setting(
-        "3x3 convolutions per stage of the conv stem: 1, one stride-2 convolution (Xiao et al.); 2 adds a stride-1 one "
-        "after each (opt-in; learns faster from scratch, see the README)"
+        "3x3 convolutions per stage of the conv stem: 1, one stride-2 convolution (Xiao et al.); 2, the recipe's, adds "
+        "a stride-1 one after each (learns faster from scratch, see the README)"
     )
     # ----- schedule -------------------------------------------------------------------------
     epochs: int | None = setting("epochs; given without --time-budget, it turns the time budget off")

@@ -165,10 +165,11 @@ class ConvStem(nn.Module):
     trained with the transformer, not a ResNet's: log2(P) stages of 3x3 convolutions
     (BatchNorm, ReLU), widening towards D, then a 1x1 projection to D, so the token grid is
     the same H/P x W/P as with patches. Each stage is a stride-2 convolution followed by
-    ``depth - 1`` stride-1 ones (depth 1: Xiao et al.'s stem, the recipe's, with saved runs'
-    layer positions; 2 learns faster, see the README). It trains faster and more stably from
-    scratch; at depth 1 it costs a few percent of the encoder's compute on an 8x8 grid, 6-12% on a
-    4x4 one (32 px / patch 8, 64 px / patch 16), and depth 2 makes the exported file
+    ``depth - 1`` stride-1 ones (depth 1: Xiao et al.'s stem, that of runs saved before the
+    setting, with their layer positions; 2, the recipe's, learns faster, see the README). It
+    trains faster and more stably from scratch; at depth 1 it costs a few percent of the
+    encoder's compute on an 8x8 grid, 6-12% on a 4x4 one (32 px / patch 8, 64 px / patch 16),
+    and depth 2 makes the exported file
     0.92-1.25x as slow as depth 1. Pretrained ViT weights use ``PatchEmbed``; this stem is
     for training from scratch.
     """
