@@ -74,10 +74,10 @@ class OODScore(nn.Module):
     are fitted on validation images (``fit``), so 1 is about where the deep score alone would
     have its threshold."""
 
-    def __init__(self, deep: MahalanobisScore, stem: MahalanobisScore, blocks: int, deep_scale=1.0, stem_scale=1.0):
+    def __init__(self, deep: MahalanobisScore, stem: MahalanobisScore, blocks: int):
         super().__init__()
         self.deep, self.stem, self.blocks = deep, stem, blocks
-        self.register_buffer("scales", torch.tensor([float(deep_scale), float(stem_scale)]))
+        self.register_buffer("scales", torch.ones(2))  # deep_scale, stem_scale: set by ``fit``
 
     def parts(self, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two distances, unscaled: (B,), (B,)."""
@@ -155,9 +155,9 @@ def blocks_for(images: int, depth: int, dim: int) -> int:
 def pooled_features(model, x: np.ndarray, blocks: int | None = None, batch: int = 64) -> np.ndarray:
     """What the score reads, for preprocessed images (N, 3, H, W): z_0 and every block's output,
     pooled as the model pools its last (N, depth + 1, D); with ``blocks``, z_0 and the last
-    ``blocks`` only (N, blocks + 1, D), which is all the score reads. A model that averages each image with
-    its mirror (``mirror_average``) averages these too, so the score, like the prediction, is
-    the same for an image and its mirror."""
+    ``blocks`` only (N, blocks + 1, D), which is all the score reads. A model that averages
+    each image with its mirror (``mirror_average``) averages these too, so the score, like the
+    prediction, is the same for an image and its mirror."""
     model.eval()
     mirrored, out = model.config.mirror_average, []
     for i in range(0, len(x), batch):
