@@ -380,7 +380,14 @@ METHODS = ("vit", "svm", "cnn", "timm-vit")
 
 
 def one_split(
-    name: str, seed: int, work: Path, budget: float, per_class: int | None, methods, vit_flags: list[str]
+    name: str,
+    seed: int,
+    work: Path,
+    budget: float,
+    per_class: int | None,
+    methods,
+    vit_flags: list[str],
+    keep: bool = False,
 ) -> dict:
     root = work / f"{name}-{seed}" / "data"
     shutil.rmtree(root.parent, ignore_errors=True)
@@ -404,7 +411,8 @@ def one_split(
         else:
             out[method] = run_timm_vit(root, classes, budget, seed)
         print(f"    {json.dumps(out[method])}", flush=True)
-    shutil.rmtree(root.parent, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(root.parent, ignore_errors=True)
     return out
 
 
@@ -454,6 +462,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=None, help="tiny data: training images kept per class")
     p.add_argument("--vit-flags", default="", help="train.py flags to add (to measure a recipe change)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "learning")
+    p.add_argument("--keep", action="store_true", help="keep each split's images and ViT run under --work")
     p.add_argument("--out", type=Path, default=None)
     return p
 
@@ -483,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"== {key}", flush=True)
         flags = a.vit_flags.split()
-        runs = [one_split(name, seed, a.work, a.budget, a.per_class, a.methods, flags) for seed in range(a.seeds)]
+        runs = [
+            one_split(name, seed, a.work, a.budget, a.per_class, a.methods, flags, a.keep) for seed in range(a.seeds)
+        ]
         earlier = {r["seed"]: r for r in doc["results"].get(key, [])}  # other methods' runs are kept
         runs = [{**earlier.get(r["seed"], {}), **r} for r in runs]
         doc["results"][key] = runs
