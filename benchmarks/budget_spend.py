@@ -12,8 +12,10 @@ For each kept split (W/<data>-<seed>/data with its test/ folder, W/<data>-<seed>
             along a diagonal ("diagonal"), for s of 1/4, 1/2 and 1 px of the native image;
   members   K train.py runs on the same training folder with seeds S, S+100, ..., each with
             BUDGET / K minutes, and the test accuracy of their mean logits;
-  latency   onnxruntime's time for 1 image against V images in one batch (2 threads; the
-            exported file's cost of V views), medians of 15 rounds of 40 calls.
+  latency   onnxruntime's time for 1 image against V images in one batch (2 threads), of a
+            logits-only graph of the first split's model (no attention map, no score): what V
+            views cost, not the exported file's own latency; medians of 15 rounds of 40 calls.
+Members are trained with train.py's defaults, whatever flags the kept runs had.
 The test split is used for no choice inside a run; these numbers choose between candidates,
 so a candidate picked here is to be confirmed on other splits before it becomes a default.
 Writes benchmarks/budget_spend_cpu.json (or --out).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -110,8 +113,10 @@ def members(split: Path, seed: int, budget: float, k: int) -> dict:
 
     logits, singles, epochs = [], [], []
     for i in range(k):
-        run = split / f"member{i}-of-{k}"
-        if not (run / "model.safetensors").exists():
+        run = split / f"member{i}-of-{k}-{budget:g}min"
+        done = (run / "config.json").exists() and "result" in json.loads((run / "config.json").read_text())
+        if not done:  # a member that did not finish is trained again
+            shutil.rmtree(run, ignore_errors=True)
             cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(split / "data"), "--out", str(run)]
             cmd += ["--time-budget", f"{budget / k:g}", "--seed", str(seed + 100 * i)]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

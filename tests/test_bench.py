@@ -160,7 +160,7 @@ def test_stem_latency_times_each_depth_against_the_first(tmp_path, monkeypatch):
 
 def test_shifted_views_move_the_image_and_repeat_its_edges():
     """benchmarks/budget_spend.py's views: a whole-pixel shift moves every pixel and repeats the
-    edge it uncovers; a half-pixel one is the mean of its two neighbours; none is the image."""
+    edge it uncovers; a fraction of a pixel weighs its two neighbours by nearness; none is the image."""
     import torch
 
     from benchmarks.budget_spend import shifted, view_sets
@@ -171,6 +171,8 @@ def test_shifted_views_move_the_image_and_repeat_its_edges():
     assert torch.equal(right[..., 1:], x[..., :-1]) and torch.equal(right[..., 0], x[..., 0])
     up = shifted(x, 0, -2)
     assert torch.equal(up[..., :-2, :], x[..., 2:, :]) and torch.equal(up[..., -1, :], x[..., -1, :])
-    assert torch.allclose(shifted(x, 0.5, 0), (x + shifted(x, 1, 0)) / 2)
+    assert torch.equal(up[..., -2, :], x[..., -1, :])
+    assert torch.allclose(shifted(x, 0.25, 0), 0.75 * x + 0.25 * shifted(x, 1, 0))
+    assert torch.allclose(shifted(x, 0, -0.75), 0.25 * x + 0.75 * shifted(x, 0, -1))
     sets = view_sets(4.0)  # a 32 px input from 8 px images: 4 input px per native px
     assert sets["cross 1 px (5 views)"][1] == (4.0, 0) and len(sets["diagonal 0.25 px (3 views)"]) == 3
