@@ -6,6 +6,7 @@ input size the CPU recipe picks.
 
     python benchmarks/mirror_latency.py                      # about a minute; writes benchmarks/mirror_latency_cpu.json
     python benchmarks/mirror_latency.py --stem-depths 1 2 --out benchmarks/stem_latency_cpu.json  # about 4 minutes
+    python benchmarks/mirror_latency.py --stem-depths 2 --sizes 8/2 16/2 --out benchmarks/grid_latency_cpu.json
 
 The files are timed in rotating blocks (every file once per round, 15 rounds of 40 calls),
 so a machine that speeds up or slows down affects them alike; medians of the rounds. Random
@@ -32,6 +33,17 @@ SIZES = ((32, 8), (64, 8), (128, 16))  # (input px, patch): 4x4, 8x8 and 8x8 tok
 RECIPE_SIZES = ((8, 2), (16, 4), (32, 8), (32, 4), (64, 16), (64, 8), (128, 16))
 
 
+def input_and_patch(text: str) -> tuple[int, int]:
+    """``--sizes``' "PX/PATCH", e.g. "16/2": a 16 px input in 2 px patches."""
+    try:
+        size, patch = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an input size and a patch, as in 16/2") from None
+    if size < 1 or patch < 1 or size % patch:
+        raise argparse.ArgumentTypeError(f"{text!r}: the patch must divide the input size")
+    return size, patch
+
+
 def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
     import torch
@@ -46,10 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stem-depths", type=int, nargs="+", default=[1],
                    help="conv stem depths to time (default 1); more than one: at every recipe input size, "
                         "each against the first depth")  # fmt: skip
+    p.add_argument("--sizes", type=input_and_patch, nargs="+", default=None, metavar="PX/PATCH",
+                   help="input sizes and patches to time, e.g. 8/2 16/2 (default: three sizes; with "
+                        "several --stem-depths every size the recipe picks)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "mirror_latency_cpu.json")
     a = p.parse_args(argv)
     several = len(a.stem_depths) > 1
-    sizes = RECIPE_SIZES if several else SIZES
+    sizes = a.sizes or (RECIPE_SIZES if several else SIZES)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
     files = {}

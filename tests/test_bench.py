@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import ROOT
 from vit.bench import main, train_flops_per_image
 from vit.model import ViTConfig
@@ -156,6 +158,18 @@ def test_stem_latency_times_each_depth_against_the_first(tmp_path, monkeypatch):
     assert all(r["plain_ms"] > 0 and r["mirror_ms"] > 0 for r in doc["rows"])
     assert doc["command"].startswith("python benchmarks/mirror_latency.py --stem-depths 1 2 --rounds 2")
     assert str(tmp_path) not in doc["command"]
+
+
+def test_latency_sizes_are_the_ones_asked_for(tmp_path):
+    """benchmarks/mirror_latency.py --sizes PX/PATCH: a row per size given, in order; a patch
+    that does not divide its input is refused."""
+    import benchmarks.mirror_latency as ml
+
+    out = tmp_path / "grid.json"
+    doc = ml.main(["--stem-depths", "2", "--sizes", "8/2", "16/2", "--rounds", "1", "--calls", "1", "--out", str(out)])
+    assert [r["input"] for r in doc["rows"]] == ["8 px / patch 2", "16 px / patch 2"]
+    with pytest.raises(SystemExit):
+        ml.main(["--sizes", "16/3", "--out", str(out)])
 
 
 def test_shifted_views_move_the_image_and_repeat_its_edges():
