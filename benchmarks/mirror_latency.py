@@ -2,11 +2,11 @@
 attention map included, for the CPU recipe's small-data model (6 blocks, width 128, conv
 stem, mean pooling) at three input sizes, with and without predicting from the mirror too
 (``mirror_average``); with several conv stem depths (``--stem-depths``), each depth at every
-input size the CPU recipe picks.
+input size the CPU recipe picks; or at the input sizes and patches given (``--sizes``).
 
     python benchmarks/mirror_latency.py                      # about a minute; writes benchmarks/mirror_latency_cpu.json
     python benchmarks/mirror_latency.py --stem-depths 1 2 --out benchmarks/stem_latency_cpu.json  # about 4 minutes
-    python benchmarks/mirror_latency.py --stem-depths 2 --sizes 8/2 16/2 --out benchmarks/grid_latency_cpu.json
+    python benchmarks/mirror_latency.py --stem-depths 2 --sizes 8/2 16/2 --out benchmarks/grid_latency_cpu.json  # 30 s
 
 The files are timed in rotating blocks (every file once per round, 15 rounds of 40 calls),
 so a machine that speeds up or slows down affects them alike; medians of the rounds. Random
@@ -39,8 +39,10 @@ def input_and_patch(text: str) -> tuple[int, int]:
         size, patch = (int(v) for v in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give an input size and a patch, as in 16/2") from None
-    if size < 1 or patch < 1 or size % patch:
-        raise argparse.ArgumentTypeError(f"{text!r}: the patch must divide the input size")
+    if size < 1 or patch < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the input size and the patch must be positive")
+    if size % patch or patch & (patch - 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: the patch must be a power of 2 (the stem's) dividing the input")
     return size, patch
 
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "mirror_latency_cpu.json")
     a = p.parse_args(argv)
     several = len(a.stem_depths) > 1
-    sizes = a.sizes or (RECIPE_SIZES if several else SIZES)
+    sizes = list(dict.fromkeys(a.sizes)) if a.sizes else RECIPE_SIZES if several else SIZES
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
     files = {}

@@ -1,5 +1,6 @@
 """The benchmark script runs end to end and records what it claims (no timing asserted)."""
 
+import argparse
 import json
 
 import pytest
@@ -168,8 +169,11 @@ def test_latency_sizes_are_the_ones_asked_for(tmp_path):
     out = tmp_path / "grid.json"
     doc = ml.main(["--stem-depths", "2", "--sizes", "8/2", "16/2", "--rounds", "1", "--calls", "1", "--out", str(out)])
     assert [r["input"] for r in doc["rows"]] == ["8 px / patch 2", "16 px / patch 2"]
-    with pytest.raises(SystemExit):
-        ml.main(["--sizes", "16/3", "--out", str(out)])
+    assert all(r["stem_depth"] == 2 for r in doc["rows"])
+    assert ml.input_and_patch("16/4") == (16, 4)
+    for text, why in (("16/3", "power of 2"), ("24/6", "power of 2"), ("16/0", "positive"), ("16", "as in")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            ml.input_and_patch(text)
 
 
 def test_shifted_views_move_the_image_and_repeat_its_edges():
