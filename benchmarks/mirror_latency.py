@@ -41,9 +41,21 @@ def input_and_patch(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: give an input size and a patch, as in 16/2") from None
     if size < 1 or patch < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the input size and the patch must be positive")
-    if size % patch or patch & (patch - 1):
-        raise argparse.ArgumentTypeError(f"{text!r}: the patch must be a power of 2 (the stem's) dividing the input")
+    try:
+        model_config(size, patch, 1)  # the model's own checks: the patch divides the input, the stem's power of 2
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     return size, patch
+
+
+def model_config(size: int, patch: int, stem_depth: int):
+    """The CPU recipe's small-data model at one input size, patch and conv stem depth."""
+    from vit import ViTConfig
+
+    return ViTConfig(
+        image_size=size, patch_size=patch, num_classes=10, dim=128, depth=6, heads=4, mlp_dim=256,
+        stem="conv", stem_depth=stem_depth, class_token=False, pool="avg", fc_norm=True,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from export.onnx_export import to_onnx
-    from vit import ViT, ViTConfig
+    from vit import ViT
     from vit.bench import command_line, machine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,10 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     files = {}
     for size, patch in sizes:
         for depth in a.stem_depths:
-            cfg = ViTConfig(
-                image_size=size, patch_size=patch, num_classes=10, dim=128, depth=6, heads=4, mlp_dim=256,
-                stem="conv", stem_depth=depth, class_token=False, pool="avg", fc_norm=True,
-            )  # fmt: skip
+            cfg = model_config(size, patch, depth)
             x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
             for mirror in (False, True):
                 torch.manual_seed(0)

@@ -162,8 +162,9 @@ def test_stem_latency_times_each_depth_against_the_first(tmp_path, monkeypatch):
 
 
 def test_latency_sizes_are_the_ones_asked_for(tmp_path):
-    """benchmarks/mirror_latency.py --sizes PX/PATCH: a row per size given, in order; a patch
-    that does not divide its input is refused."""
+    """benchmarks/mirror_latency.py --sizes PX/PATCH: a row per size given, in order; a size the
+    model refuses (the patch does not divide the input, or is no power of 2 for the conv stem) is
+    refused when parsed, with the model's reason."""
     import benchmarks.mirror_latency as ml
 
     out = tmp_path / "grid.json"
@@ -171,7 +172,8 @@ def test_latency_sizes_are_the_ones_asked_for(tmp_path):
     assert [r["input"] for r in doc["rows"]] == ["8 px / patch 2", "16 px / patch 2"]
     assert all(r["stem_depth"] == 2 for r in doc["rows"])
     assert ml.input_and_patch("16/4") == (16, 4)
-    for text, why in (("16/3", "power of 2"), ("24/6", "power of 2"), ("16/0", "positive"), ("16", "as in")):
+    for text, why in (("16/3", "not divisible"), ("24/6", "power of 2"), ("8/1", "power of 2"), ("16/0", "positive"),
+                      ("16", "as in")):  # fmt: skip
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             ml.input_and_patch(text)
 
