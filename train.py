@@ -147,6 +147,11 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
                 f"more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, chooses otherwise"
             )
     values = {**partial, **flags}
+    if not args.pretrained and not args.model:
+        # the encoder follows the input the run gets: a chosen size or patch may leave the grid
+        # the recipe's narrowed model was measured on (vit.recipe.model_for_input)
+        model = recipe.model_for_input(n_train, scan.native_side(), values["image_size"], values["patch_size"])
+        values.update({k: flags.get(k, v) for k, v in model.items()})
     if values.get("stem") != "conv" and "stem_depth" not in flags:
         values["stem_depth"] = None  # the recipe's conv stem depth; --stem patch has none
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):

@@ -4,6 +4,7 @@ several seeds, each scored on a test split that no method uses for any choice.
     python benchmarks/learning.py                              # every dataset, 3 seeds, 10 min each
     python benchmarks/learning.py --only digits --budget 2 --seeds 3
     python benchmarks/learning.py --only digits --per-class 10 # tiny data: 10 training images a class
+    python benchmarks/learning.py --only digits --budget 2 --seeds 5 --first-seed 5  # splits 5-9
 
 For each dataset and seed: a fresh train/test split is written as an image folder (train/
 and test/); then, with the same wall-clock budget each,
@@ -458,7 +459,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=sorted(DATASETS), action="append")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--budget", type=float, default=10.0, help="minutes per training run (default 10)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds (splits) to run (default 3)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed: seeds FIRST .. FIRST+SEEDS-1 (default 0); fresh splits to confirm "
+                        "a choice made on others")  # fmt: skip
     p.add_argument("--per-class", type=int, default=None, help="tiny data: training images kept per class")
     p.add_argument("--vit-flags", default="", help="train.py flags to add (to measure a recipe change)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "learning")
@@ -469,6 +473,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.seeds < 1 or a.first_seed < 0:
+        parser().error("--seeds must be at least 1 and --first-seed at least 0")
     from vit.bench import command_line, machine, portable
 
     out = a.out or ROOT / "benchmarks" / f"learning_{a.budget:g}min_cpu.json"
@@ -493,10 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {key}", flush=True)
         flags = a.vit_flags.split()
         runs = [
-            one_split(name, seed, a.work, a.budget, a.per_class, a.methods, flags, a.keep) for seed in range(a.seeds)
+            one_split(name, seed, a.work, a.budget, a.per_class, a.methods, flags, a.keep)
+            for seed in range(a.first_seed, a.first_seed + a.seeds)
         ]
-        earlier = {r["seed"]: r for r in doc["results"].get(key, [])}  # other methods' runs are kept
-        runs = [{**earlier.get(r["seed"], {}), **r} for r in runs]
+        # other methods' runs of these splits are kept, and every run of other splits
+        earlier = {r["seed"]: r for r in doc["results"].get(key, [])}
+        runs = [{**earlier.pop(r["seed"], {}), **r} for r in runs]
+        runs = sorted(runs + list(earlier.values()), key=lambda r: r["seed"])
         doc["results"][key] = runs
         doc["summary"][key] = summary(runs, [m for m in METHODS if all(m in r for r in runs)])
         out.write_text(json.dumps(doc, indent=1) + "\n")  # saved after every dataset

@@ -2,11 +2,14 @@
 attention map included, for the CPU recipe's small-data model (6 blocks, width 128, conv
 stem, mean pooling) at three input sizes, with and without predicting from the mirror too
 (``mirror_average``); with several conv stem depths (``--stem-depths``), each depth at every
-input size the CPU recipe picks; or at the input sizes and patches given (``--sizes``).
+input size the CPU recipe picks; or at the input sizes and patches given (``--sizes``), with
+the encoders given (``--encoders``: depth and width, 32-wide heads, an MLP twice the width).
 
     python benchmarks/mirror_latency.py                      # about a minute; writes benchmarks/mirror_latency_cpu.json
-    python benchmarks/mirror_latency.py --stem-depths 1 2 --out benchmarks/stem_latency_cpu.json  # about 4 minutes
+    python benchmarks/mirror_latency.py --stem-depths 1 2 --out benchmarks/stem_latency_cpu.json  # about 5 minutes
     python benchmarks/mirror_latency.py --stem-depths 2 --sizes 8/2 16/2 --out benchmarks/grid_latency_cpu.json  # 30 s
+    python benchmarks/mirror_latency.py --stem-depths 2 --sizes 8/2 12/2 16/2 --encoders 6x128 6x96 4x128 \
+        --out benchmarks/grid_encoder_latency_cpu.json  # about a minute
 
 The files are timed in rotating blocks (every file once per round, 15 rounds of 40 calls),
 so a machine that speeds up or slows down affects them alike; medians of the rounds. Random
@@ -28,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIZES = ((32, 8), (64, 8), (128, 16))  # (input px, patch): 4x4, 8x8 and 8x8 token grids
-# Every (input, patch) vit.recipe.input_size_for gives on a CPU: glyphs at 8 and 16 px, 32 and
-# 64 px with a short budget's 4x4 grid and a longer one's 8x8, larger images at 128 / 16.
-RECIPE_SIZES = ((8, 2), (16, 4), (32, 8), (32, 4), (64, 16), (64, 8), (128, 16))
+# Every (input, patch) vit.recipe.input_size_for gives on a CPU: digit-sized images at 8 px
+# (many) and 16 / 2 (few; timed here with the 6x128 model, not the narrower one the recipe
+# gives them: --encoders), glyphs at 16 px, 32 and 64 px with a short budget's 4x4 grid and a
+# longer one's 8x8, larger images at 128 / 16.
+RECIPE_SIZES = ((8, 2), (16, 2), (16, 4), (32, 8), (32, 4), (64, 16), (64, 8), (128, 16))
 
 
 def input_and_patch(text: str) -> tuple[int, int]:
@@ -48,12 +53,25 @@ def input_and_patch(text: str) -> tuple[int, int]:
     return size, patch
 
 
-def model_config(size: int, patch: int, stem_depth: int):
-    """The CPU recipe's small-data model at one input size, patch and conv stem depth."""
+def encoder(text: str) -> tuple[int, int]:
+    """``--encoders``' "DEPTHxWIDTH", e.g. "6x96": 6 blocks of width 96."""
+    try:
+        depth, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a depth and a width, as in 6x128") from None
+    if depth < 1 or width < 32 or width % 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one block, and a width that is a multiple of 32")
+    return depth, width
+
+
+def model_config(size: int, patch: int, stem_depth: int, depth: int = 6, width: int = 128):
+    """The CPU recipe's small-data model (6 blocks of width 128) at one input size, patch and
+    conv stem depth, or with another depth and width (heads of 32, an MLP twice the width)."""
     from vit import ViTConfig
 
     return ViTConfig(
-        image_size=size, patch_size=patch, num_classes=10, dim=128, depth=6, heads=4, mlp_dim=256,
+        image_size=size, patch_size=patch, num_classes=10, dim=width, depth=depth, heads=width // 32,
+        mlp_dim=2 * width,
         stem="conv", stem_depth=stem_depth, class_token=False, pool="avg", fc_norm=True,
     )  # fmt: skip
 
@@ -75,8 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", type=input_and_patch, nargs="+", default=None, metavar="PX/PATCH",
                    help="input sizes and patches to time, e.g. 8/2 16/2 (default: three sizes; with "
                         "several --stem-depths every size the recipe picks)")  # fmt: skip
+    p.add_argument("--encoders", type=encoder, nargs="+", default=[(6, 128)], metavar="DEPTHxWIDTH",
+                   help="encoders to time at every size and stem depth (default 6x128, the recipe's small model); "
+                        "with --sizes or several encoders, each row against the first row's plain file")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "mirror_latency_cpu.json")
     a = p.parse_args(argv)
+    a.encoders = list(dict.fromkeys(a.encoders))
     several = len(a.stem_depths) > 1
     sizes = list(dict.fromkeys(a.sizes)) if a.sizes else RECIPE_SIZES if several else SIZES
     opts = ort.SessionOptions()
@@ -84,16 +106,17 @@ def main(argv: list[str] | None = None) -> dict:
     files = {}
     for size, patch in sizes:
         for depth in a.stem_depths:
-            cfg = model_config(size, patch, depth)
-            x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-            for mirror in (False, True):
-                torch.manual_seed(0)
-                model = ViT(dataclasses.replace(cfg, mirror_average=mirror)).eval()
-                proto = to_onnx(model, attention=True).SerializeToString()
-                session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
-                for _ in range(30):
-                    session.run(None, {"pixel_values": x})
-                files[(size, patch, depth, mirror)] = (session, x, [])
+            for blocks in a.encoders:
+                cfg = model_config(size, patch, depth, *blocks)
+                x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+                for mirror in (False, True):
+                    torch.manual_seed(0)
+                    model = ViT(dataclasses.replace(cfg, mirror_average=mirror)).eval()
+                    proto = to_onnx(model, attention=True).SerializeToString()
+                    session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+                    for _ in range(30):
+                        session.run(None, {"pixel_values": x})
+                    files[(size, patch, depth, blocks, mirror)] = (session, x, [])
     for _ in range(a.rounds):
         for session, x, times in files.values():
             t = time.perf_counter()
@@ -101,22 +124,32 @@ def main(argv: list[str] | None = None) -> dict:
                 session.run(None, {"pixel_values": x})
             times.append((time.perf_counter() - t) / a.calls * 1e3)
     rows = []
+    against_first_row = bool(a.sizes) or len(a.encoders) > 1
+    first_row = None
     for size, patch in sizes:
-        base = float(np.median(files[(size, patch, a.stem_depths[0], False)][2]))
         for depth in a.stem_depths:
-            plain, both = (float(np.median(files[(size, patch, depth, m)][2])) for m in (False, True))
-            row = dict(input=f"{size} px / patch {patch}", plain_ms=round(plain, 3), mirror_ms=round(both, 3),
-                       ratio=round(both / plain, 2))  # fmt: skip
-            line = f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
-            line += f"({both / plain:.2f}x)"
-            if a.stem_depths != [1]:
-                row["stem_depth"] = depth
-            if several:
-                row.update(plain_vs_first=round(plain / base, 2), mirror_vs_first=round(both / base, 2))
-                line += f", stem depth {depth}: {plain / base:.2f}x and {both / base:.2f}x"
-                line += f" depth {a.stem_depths[0]}'s plain file"
-            rows.append(row)
-            print(line)
+            for blocks in a.encoders:
+                base = float(np.median(files[(size, patch, a.stem_depths[0], blocks, False)][2]))
+                plain, both = (float(np.median(files[(size, patch, depth, blocks, m)][2])) for m in (False, True))
+                first_row = first_row or plain
+                row = dict(input=f"{size} px / patch {patch}", plain_ms=round(plain, 3), mirror_ms=round(both, 3),
+                           ratio=round(both / plain, 2))  # fmt: skip
+                line = f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
+                line += f"({both / plain:.2f}x)"
+                if a.stem_depths != [1]:
+                    row["stem_depth"] = depth
+                if a.encoders != [(6, 128)]:
+                    row["encoder"] = f"{blocks[0]}x{blocks[1]}"
+                    line += f", {blocks[0]} blocks x {blocks[1]}"
+                if several:
+                    row.update(plain_vs_first=round(plain / base, 2), mirror_vs_first=round(both / base, 2))
+                    line += f", stem depth {depth}: {plain / base:.2f}x and {both / base:.2f}x"
+                    line += f" depth {a.stem_depths[0]}'s plain file"
+                if against_first_row:
+                    row["plain_vs_first_row"] = round(plain / first_row, 2)
+                    line += f"; {plain / first_row:.2f}x the first row's plain file"
+                rows.append(row)
+                print(line)
     command = command_line("python benchmarks/mirror_latency.py", sys.argv[1:] if argv is None else list(argv))
     doc = {"command": command, "machine": machine(), "rows": rows}
     a.out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -88,6 +88,37 @@ def test_results_files_name_no_folder_of_this_machine():
                 parser().parse_args(shlex.split(s)[2:])  # exits on a command that does not parse
 
 
+def test_learning_runs_the_splits_asked_for(tmp_path, monkeypatch):
+    """benchmarks/learning.py --first-seed F --seeds N: splits F .. F+N-1, each once, in the
+    results, the summary and the recorded command; impossible counts are refused."""
+    import benchmarks.learning as bl
+
+    seen = []
+
+    def one_split(name, seed, *rest):
+        seen.append((name, seed))
+        return {"seed": seed, "train_images": 9, "test_images": 3, "svm": {"test_acc": 0.9 + seed / 100}}
+
+    monkeypatch.setattr(bl, "one_split", one_split)
+    out = tmp_path / "fresh splits.json"
+    argv = ["--only", "digits", "--methods", "svm", "--seeds", "2", "--first-seed", "5", "--out", str(out)]
+    assert bl.main(argv) == 0
+    assert seen == [("digits", 5), ("digits", 6)]
+    doc = json.loads(out.read_text())
+    assert [r["seed"] for r in doc["results"]["digits"]] == [5, 6]
+    assert doc["summary"]["digits"]["svm"]["mean"] == 0.955 and "--first-seed 5" in doc["command"]
+    for bad in (["--seeds", "0"], ["--first-seed", "-1"]):
+        with pytest.raises(SystemExit):
+            bl.main([*argv, *bad])
+    assert len(seen) == 2
+    # into the same file, splits 0-1: kept beside 5-6, in order, all four in the summary
+    assert bl.main([*argv[:4], "--seeds", "2", "--first-seed", "0", "--out", str(out)]) == 0
+    assert seen[2:] == [("digits", 0), ("digits", 1)]
+    doc = json.loads(out.read_text())
+    assert [r["seed"] for r in doc["results"]["digits"]] == [0, 1, 5, 6]
+    assert doc["summary"]["digits"]["svm"]["mean"] == 0.93
+
+
 def test_ood_choice_reads_both_views_of_a_mirror_model():
     """benchmarks/ood_choice.py scores what the model and the exported file score: for a model
     that averages each image with its mirror, every feature is the same for an image and its
@@ -162,15 +193,27 @@ def test_stem_latency_times_each_depth_against_the_first(tmp_path, monkeypatch):
 
 
 def test_latency_sizes_are_the_ones_asked_for(tmp_path):
-    """benchmarks/mirror_latency.py --sizes PX/PATCH: a row per size given, in order; a size the
+    """benchmarks/mirror_latency.py --sizes PX/PATCH --encoders DEPTHxWIDTH: a row per size and
+    encoder given, in order, repeats once, each against the first row; a size the
     model refuses (the patch does not divide the input, or is no power of 2 for the conv stem) is
     refused when parsed, with the model's reason."""
     import benchmarks.mirror_latency as ml
 
     out = tmp_path / "grid.json"
-    doc = ml.main(["--stem-depths", "2", "--sizes", "8/2", "16/2", "--rounds", "1", "--calls", "1", "--out", str(out)])
-    assert [r["input"] for r in doc["rows"]] == ["8 px / patch 2", "16 px / patch 2"]
+    argv = ["--stem-depths", "2", "--sizes", "8/2", "16/2", "--encoders", "6x128", "4X96", "6x128", "--rounds", "1"]
+    doc = ml.main([*argv, "--calls", "1", "--out", str(out)])
+    assert [(r["input"], r["encoder"]) for r in doc["rows"]] == [
+        ("8 px / patch 2", "6x128"), ("8 px / patch 2", "4x96"),
+        ("16 px / patch 2", "6x128"), ("16 px / patch 2", "4x96"),
+    ]  # fmt: skip
     assert all(r["stem_depth"] == 2 for r in doc["rows"])
+    first = doc["rows"][0]["plain_ms"]
+    assert doc["rows"][0]["plain_vs_first_row"] == 1.0
+    assert all(r["plain_vs_first_row"] == pytest.approx(r["plain_ms"] / first, abs=0.011) for r in doc["rows"])
+    assert ml.encoder("6x96") == (6, 96)
+    for text, why in (("0x128", "at least one"), ("6x100", "multiple of 32"), ("6", "as in")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            ml.encoder(text)
     assert ml.input_and_patch("16/4") == (16, 4)
     for text, why in (("16/3", "not divisible"), ("24/6", "power of 2"), ("8/1", "power of 2"), ("16/0", "positive"),
                       ("16", "as in")):  # fmt: skip

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import train
 from tests.conftest import TINY_MODEL
 from vit.data import THUMB, thumbnail
-from vit.recipe import input_size_for, mirror_check, patch_for, scratch_recipe
+from vit.recipe import input_size_for, mirror_check, model_for_input, patch_for, scratch_recipe
 
 
 def hook(rng: np.random.Generator, size: int = 32) -> Image.Image:
@@ -248,7 +248,8 @@ def test_the_averaged_weights_win_over_the_raw_ones_unless_clearly_worse():
 @pytest.mark.parametrize(
     "native, device, budget, want",
     [
-        (8, "cpu", None, (8, 2)),  # glyphs: 4x4 everywhere
+        (8, "cpu", None, (16, 2)),  # digit-sized, small data: doubled, an 8x8 grid everywhere
+        (12, "cuda", 2, (16, 2)),
         (20, "cuda", None, (16, 4)),
         (32, "cpu", None, (32, 4)),  # the CPU's default 8-minute budget: 8x8
         (64, "cpu", 8, (64, 8)),
@@ -268,6 +269,45 @@ def test_the_token_grid_follows_the_image_size_the_device_and_the_budget(native,
     default = 8.0 if device == "cpu" else None
     assert recipe["time_budget"] == (None if budget == 0 else budget if budget is not None else default)
     assert input_size_for(native, device, recipe["time_budget"]) == want
+
+
+def test_digit_sized_images_get_a_fine_grid_and_a_narrower_model_only_as_small_data():
+    """Up to 12 px and under 5,000 images: the image resized to 16 px in 2 px patches (8x8
+    tokens) with the narrowed small model; more images keep 8 px (4x4) and get model_for's
+    larger model; 13 px and up are unchanged."""
+    small = scratch_recipe(1_347, 8, "cpu")
+    assert (small["image_size"], small["patch_size"]) == (16, 2)
+    assert {k: small[k] for k in ("dim", "depth", "heads", "mlp_dim")} == dict(dim=96, depth=6, heads=3, mlp_dim=192)
+    assert small["drop_path"] == 0.1  # still glyphs, still small data
+    many = scratch_recipe(20_000, 8, "cpu")
+    assert (many["image_size"], many["patch_size"], many["dim"]) == (8, 2, 192)
+    for native, n, want in ((12, 4_999, (16, 2)), (12, 5_000, (8, 2)), (13, 4_999, (16, 4)), (4, 10, (16, 2))):
+        assert input_size_for(native, "cpu", 8, num_images=n) == want, (native, n)
+        assert (scratch_recipe(n, native, "cpu")["image_size"], scratch_recipe(n, native, "cpu")["patch_size"]) == want
+    narrow = {"dim": 96, "depth": 6, "heads": 3, "mlp_dim": 192}
+    assert model_for_input(4_999, 12, 16, 2) == narrow
+    assert model_for_input(5_000, 8, 16, 2)["dim"] == 192  # many images: the larger model
+    assert model_for_input(1_000, 13, 16, 2)["dim"] == 128  # not digit-sized
+    assert model_for_input(1_000, 8, 8, 2)["dim"] == model_for_input(1_000, 8, 16, 4)["dim"] == 128  # another grid
+
+
+def test_a_chosen_input_for_digit_sized_images_gets_the_model_measured_for_it(tmp_path):
+    """train.py: 8 px images get the narrowed model on the recipe's 16 px / 2 grid; asking for
+    8 px (a 4x4 grid) gives the small model of width 128 again, and a width given is kept."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    base = ["--data", tmp_path / "data", "--epochs", "1", "--workers", "0", "--device", "cpu", "--batch-size", "8"]
+    for name, extra, want in (
+        ("recipe", [], (16, 2, 96, 3)),
+        ("eight", ["--image-size", "8"], (8, 2, 128, 4)),
+        ("wide", ["--dim", "64", "--heads", "2"], (16, 2, 64, 2)),
+    ):
+        assert train.main([str(a) for a in [*base, "--out", tmp_path / name, *extra]]) == 0
+        m = json.loads((tmp_path / name / "config.json").read_text())["model"]
+        assert (m["image_size"][0], m["patch_size"], m["dim"], m["heads"]) == want, name
 
 
 def test_a_chosen_image_size_gets_a_patch_that_fits_it(tmp_path, capsys):
