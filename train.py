@@ -120,16 +120,17 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         preset = ViTConfig.preset(args.model)  # one parser of "S/16" for the whole project
         partial.update({k: getattr(preset, k) for k in ("dim", "depth", "heads", "mlp_dim", "patch_size")})
     flags = given(args)
-    if "image_size" in flags and "patch_size" not in flags and not args.pretrained and not args.model:
+    chosen_size = flags.get("image_size", partial.get("image_size")) != partial.get("image_size")
+    if chosen_size and "patch_size" not in flags and not args.pretrained and not args.model:
         size = flags["image_size"]  # the patch follows the size chosen, not the images' own
         budget = partial.get("time_budget")
         patch = partial["patch_size"] = recipe.patch_for(size, device, budget)
-        ideal_size, ideal = recipe.input_size_for(size, device, budget)  # the recipe's for images this size
+        ideal_size, ideal = recipe.input_size_for(size, device, budget, n_train)  # the recipe's for images this size
         refused = patch < 2 and flags.get("stem", partial["stem"]) == "conv"
         if patch < ideal or refused:
 
             def whole(n: int) -> bool:  # size n takes the recipe's own patch for it
-                return recipe.patch_for(n, device, budget) == recipe.input_size_for(n, device, budget)[1]
+                return recipe.patch_for(n, device, budget) == recipe.input_size_for(n, device, budget, n_train)[1]
 
             near = min((n for n in range(8, 2 * size + 9) if whole(n)), key=lambda n: (abs(n - size), n))
             p = recipe.patch_for(near, device, budget)
@@ -151,6 +152,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         # the encoder follows the input the run gets: a chosen size or patch may leave the grid
         # the recipe's narrowed model was measured on (vit.recipe.model_for_input)
         model = recipe.model_for_input(n_train, scan.native_side(), values["image_size"], values["patch_size"])
+        if any(k in flags for k in ("dim", "heads", "mlp_dim")):
+            model = recipe.model_for(n_train)  # a width of one's own: the rest from the usual small model
         values.update({k: flags.get(k, v) for k, v in model.items()})
     if values.get("stem") != "conv" and "stem_depth" not in flags:
         values["stem_depth"] = None  # the recipe's conv stem depth; --stem patch has none

@@ -418,10 +418,16 @@ def one_split(
 
 
 def summary(runs: list[dict], methods) -> dict:
+    """Mean and std of each method over the runs (splits) that have it; ``n`` when some lack it."""
     out = {}
+    every = runs
     for m in methods:
+        runs = [r for r in every if m in r]
         acc = np.array([r[m]["test_acc"] for r in runs])
         out[m] = dict(mean=round(float(acc.mean()), 4), std=round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 4))
+        if len(runs) < len(every):
+            out[m]["n"] = len(runs)
+    runs = [r for r in every if "vit" in r]
     if "vit" in methods:
         used = np.array([r["vit"]["budget_used"] for r in runs])
         out["vit"]["budget_used_mean"] = round(float(used.mean()), 3)
@@ -442,7 +448,12 @@ def table(doc: dict) -> str:
     rows = [head, "|" + "---|" * (len(methods) + 3)]
     for key, s in doc["summary"].items():
         runs = doc["results"][key]
-        cells = [f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['std']:.2f}" if m in s else "–" for m in methods]
+        cells = [
+            f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['std']:.2f}" + (f" (n={s[m]['n']})" if "n" in s[m] else "")
+            if m in s
+            else "–"
+            for m in methods
+        ]
         used = f"{s['vit']['budget_used_mean']:.0%}" if "vit" in s else ""
         sizes = f"{runs[0]['train_images']} / {runs[0]['test_images']}"
         rows.append(f"| {key} | {sizes} | " + " | ".join(cells) + f" | {used} |")
@@ -479,6 +490,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = a.out or ROOT / "benchmarks" / f"learning_{a.budget:g}min_cpu.json"
     doc = json.loads(out.read_text()) if out.exists() else {"results": {}, "summary": {}}
+    if doc["results"] and (
+        doc.get("budget_minutes", a.budget) != a.budget
+        or ("vit" in a.methods and doc.get("vit_flags", "") != portable(a.vit_flags))
+    ):
+        parser().error(
+            f"{out.name} holds runs with another --budget or --vit-flags ({doc.get('budget_minutes')} min, "
+            f"{doc.get('vit_flags')!r}): one file pools runs of one setting; give another --out"
+        )
     shown, argv = [], list(sys.argv[1:] if argv is None else argv)
     while argv:  # --work is scratch space: where it was is nobody's business, and changes nothing
         arg = argv.pop(0)
@@ -487,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         elif not arg.startswith("--work="):
             shown.append(arg)
     command = command_line("python benchmarks/learning.py", shown)
-    doc.update(machine=machine(), command=command, budget_minutes=a.budget, vit_flags=portable(a.vit_flags))
+    doc.update(machine=machine(), command=command, budget_minutes=a.budget)
+    if "vit" in a.methods:
+        doc["vit_flags"] = portable(a.vit_flags)  # the flags of the file's ViT runs
     for name in a.only or list(DATASETS):
         key = name if not a.per_class else f"{name}, {a.per_class} per class"
         # A file merges the runs of several commands: each method's runs have theirs.
@@ -507,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [{**earlier.pop(r["seed"], {}), **r} for r in runs]
         runs = sorted(runs + list(earlier.values()), key=lambda r: r["seed"])
         doc["results"][key] = runs
-        doc["summary"][key] = summary(runs, [m for m in METHODS if all(m in r for r in runs)])
+        doc["summary"][key] = summary(runs, [m for m in METHODS if any(m in r for r in runs)])
         out.write_text(json.dumps(doc, indent=1) + "\n")  # saved after every dataset
     print(table(doc))
     print(f"wrote {out}")

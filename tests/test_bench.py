@@ -95,9 +95,10 @@ def test_learning_runs_the_splits_asked_for(tmp_path, monkeypatch):
 
     seen = []
 
-    def one_split(name, seed, *rest):
+    def one_split(name, seed, work, budget, per_class, methods, *rest):
         seen.append((name, seed))
-        return {"seed": seed, "train_images": 9, "test_images": 3, "svm": {"test_acc": 0.9 + seed / 100}}
+        scores = {m: {"test_acc": 0.9 + seed / 100} for m in methods}
+        return {"seed": seed, "train_images": 9, "test_images": 3, **scores}
 
     monkeypatch.setattr(bl, "one_split", one_split)
     out = tmp_path / "fresh splits.json"
@@ -117,6 +118,14 @@ def test_learning_runs_the_splits_asked_for(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     assert [r["seed"] for r in doc["results"]["digits"]] == [0, 1, 5, 6]
     assert doc["summary"]["digits"]["svm"]["mean"] == 0.93
+    # another method on one of them: summed over the splits that have it, and says how many
+    assert bl.main(["--only", "digits", "--methods", "cnn", "--seeds", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["digits"]["cnn"] == {"mean": 0.9, "std": 0.0, "n": 1}
+    assert doc["summary"]["digits"]["svm"]["mean"] == 0.93 and "n" not in doc["summary"]["digits"]["svm"]
+    assert "| 90.00 ± 0.00 (n=1) |" in bl.table(doc) and "| 93.00 ± " in bl.table(doc)
+    with pytest.raises(SystemExit):  # runs of another budget are not pooled into the file
+        bl.main([*argv[:4], "--budget", "3", "--out", str(out)])
 
 
 def test_ood_choice_reads_both_views_of_a_mirror_model():

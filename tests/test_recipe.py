@@ -292,8 +292,9 @@ def test_digit_sized_images_get_a_fine_grid_and_a_narrower_model_only_as_small_d
 
 
 def test_a_chosen_input_for_digit_sized_images_gets_the_model_measured_for_it(tmp_path):
-    """train.py: 8 px images get the narrowed model on the recipe's 16 px / 2 grid; asking for
-    8 px (a 4x4 grid) gives the small model of width 128 again, and a width given is kept."""
+    """train.py: 8 px images get the narrowed model on the recipe's 16 px / 2 grid, also when its
+    16 px is asked for; asking for 8 px (a 4x4 grid) gives the small model of width 128 again;
+    a width given is kept, with the usual small model's heads when none are given."""
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (tmp_path / "data" / c).mkdir(parents=True)
@@ -303,7 +304,9 @@ def test_a_chosen_input_for_digit_sized_images_gets_the_model_measured_for_it(tm
     for name, extra, want in (
         ("recipe", [], (16, 2, 96, 3)),
         ("eight", ["--image-size", "8"], (8, 2, 128, 4)),
+        ("sixteen", ["--image-size", "16"], (16, 2, 96, 3)),  # the recipe's own size keeps its patch
         ("wide", ["--dim", "64", "--heads", "2"], (16, 2, 64, 2)),
+        ("width", ["--dim", "128"], (16, 2, 128, 4)),  # a width alone: the usual small model's heads
     ):
         assert train.main([str(a) for a in [*base, "--out", tmp_path / name, *extra]]) == 0
         m = json.loads((tmp_path / name / "config.json").read_text())["model"]
