@@ -120,7 +120,7 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         preset = ViTConfig.preset(args.model)  # one parser of "S/16" for the whole project
         partial.update({k: getattr(preset, k) for k in ("dim", "depth", "heads", "mlp_dim", "patch_size")})
     flags = given(args)
-    chosen_size = flags.get("image_size", partial.get("image_size")) != partial.get("image_size")
+    chosen_size = "image_size" in flags and flags["image_size"] != partial.get("image_size")
     if chosen_size and "patch_size" not in flags and not args.pretrained and not args.model:
         size = flags["image_size"]  # the patch follows the size chosen, not the images' own
         budget = partial.get("time_budget")

@@ -420,15 +420,13 @@ def one_split(
 def summary(runs: list[dict], methods) -> dict:
     """Mean and std of each method over the runs (splits) that have it; ``n`` when some lack it."""
     out = {}
-    every = runs
     for m in methods:
-        runs = [r for r in every if m in r]
-        acc = np.array([r[m]["test_acc"] for r in runs])
+        acc = np.array([r[m]["test_acc"] for r in runs if m in r])
         out[m] = dict(mean=round(float(acc.mean()), 4), std=round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 4))
-        if len(runs) < len(every):
-            out[m]["n"] = len(runs)
-    runs = [r for r in every if "vit" in r]
+        if len(acc) < len(runs):
+            out[m]["n"] = len(acc)
     if "vit" in methods:
+        runs = [r for r in runs if "vit" in r]
         used = np.array([r["vit"]["budget_used"] for r in runs])
         out["vit"]["budget_used_mean"] = round(float(used.mean()), 3)
         if all("final_test_acc" in r["vit"] for r in runs):
@@ -483,9 +481,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
     if a.seeds < 1 or a.first_seed < 0:
-        parser().error("--seeds must be at least 1 and --first-seed at least 0")
+        p.error("--seeds must be at least 1 and --first-seed at least 0")
     from vit.bench import command_line, machine, portable
 
     out = a.out or ROOT / "benchmarks" / f"learning_{a.budget:g}min_cpu.json"
@@ -494,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         doc.get("budget_minutes", a.budget) != a.budget
         or ("vit" in a.methods and doc.get("vit_flags", "") != portable(a.vit_flags))
     ):
-        parser().error(
+        p.error(
             f"{out.name} holds runs with another --budget or --vit-flags ({doc.get('budget_minutes')} min, "
             f"{doc.get('vit_flags')!r}): one file pools runs of one setting; give another --out"
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -104,19 +105,17 @@ def main(argv: list[str] | None = None) -> dict:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
     files = {}
-    for size, patch in sizes:
-        for depth in a.stem_depths:
-            for blocks in a.encoders:
-                cfg = model_config(size, patch, depth, *blocks)
-                x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-                for mirror in (False, True):
-                    torch.manual_seed(0)
-                    model = ViT(dataclasses.replace(cfg, mirror_average=mirror)).eval()
-                    proto = to_onnx(model, attention=True).SerializeToString()
-                    session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
-                    for _ in range(30):
-                        session.run(None, {"pixel_values": x})
-                    files[(size, patch, depth, blocks, mirror)] = (session, x, [])
+    for (size, patch), depth, blocks in itertools.product(sizes, a.stem_depths, a.encoders):
+        cfg = model_config(size, patch, depth, *blocks)
+        x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+        for mirror in (False, True):
+            torch.manual_seed(0)
+            model = ViT(dataclasses.replace(cfg, mirror_average=mirror)).eval()
+            proto = to_onnx(model, attention=True).SerializeToString()
+            session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+            for _ in range(30):
+                session.run(None, {"pixel_values": x})
+            files[(size, patch, depth, blocks, mirror)] = (session, x, [])
     for _ in range(a.rounds):
         for session, x, times in files.values():
             t = time.perf_counter()
@@ -126,30 +125,28 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     against_first_row = bool(a.sizes) or len(a.encoders) > 1
     first_row = None
-    for size, patch in sizes:
-        for depth in a.stem_depths:
-            for blocks in a.encoders:
-                base = float(np.median(files[(size, patch, a.stem_depths[0], blocks, False)][2]))
-                plain, both = (float(np.median(files[(size, patch, depth, blocks, m)][2])) for m in (False, True))
-                first_row = first_row or plain
-                row = dict(input=f"{size} px / patch {patch}", plain_ms=round(plain, 3), mirror_ms=round(both, 3),
-                           ratio=round(both / plain, 2))  # fmt: skip
-                line = f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
-                line += f"({both / plain:.2f}x)"
-                if a.stem_depths != [1]:
-                    row["stem_depth"] = depth
-                if a.encoders != [(6, 128)]:
-                    row["encoder"] = f"{blocks[0]}x{blocks[1]}"
-                    line += f", {blocks[0]} blocks x {blocks[1]}"
-                if several:
-                    row.update(plain_vs_first=round(plain / base, 2), mirror_vs_first=round(both / base, 2))
-                    line += f", stem depth {depth}: {plain / base:.2f}x and {both / base:.2f}x"
-                    line += f" depth {a.stem_depths[0]}'s plain file"
-                if against_first_row:
-                    row["plain_vs_first_row"] = round(plain / first_row, 2)
-                    line += f"; {plain / first_row:.2f}x the first row's plain file"
-                rows.append(row)
-                print(line)
+    for (size, patch), depth, blocks in itertools.product(sizes, a.stem_depths, a.encoders):
+        base = float(np.median(files[(size, patch, a.stem_depths[0], blocks, False)][2]))
+        plain, both = (float(np.median(files[(size, patch, depth, blocks, m)][2])) for m in (False, True))
+        first_row = first_row or plain
+        row = dict(input=f"{size} px / patch {patch}", plain_ms=round(plain, 3), mirror_ms=round(both, 3),
+                   ratio=round(both / plain, 2))  # fmt: skip
+        line = f"{size:>4} px / patch {patch:>2}: {plain:6.3f} ms plain, {both:6.3f} ms with the mirror "
+        line += f"({both / plain:.2f}x)"
+        if a.stem_depths != [1]:
+            row["stem_depth"] = depth
+        if a.encoders != [(6, 128)]:
+            row["encoder"] = f"{blocks[0]}x{blocks[1]}"
+            line += f", {blocks[0]} blocks x {blocks[1]}"
+        if several:
+            row.update(plain_vs_first=round(plain / base, 2), mirror_vs_first=round(both / base, 2))
+            line += f", stem depth {depth}: {plain / base:.2f}x and {both / base:.2f}x"
+            line += f" depth {a.stem_depths[0]}'s plain file"
+        if against_first_row:
+            row["plain_vs_first_row"] = round(plain / first_row, 2)
+            line += f"; {plain / first_row:.2f}x the first row's plain file"
+        rows.append(row)
+        print(line)
     command = command_line("python benchmarks/mirror_latency.py", sys.argv[1:] if argv is None else list(argv))
     doc = {"command": command, "machine": machine(), "rows": rows}
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
