@@ -65,14 +65,18 @@ def encoder(text: str) -> tuple[int, int]:
     return depth, width
 
 
-def model_config(size: int, patch: int, stem_depth: int, depth: int = 6, width: int = 128):
-    """The CPU recipe's small-data model (6 blocks of width 128) at one input size, patch and
-    conv stem depth, or with another depth and width (heads of 32, an MLP twice the width)."""
+def model_config(size: int, patch: int, stem_depth: int, depth: int | None = None, width: int | None = None):
+    """The CPU recipe's small-data model (``vit.recipe.model_for``: 6 blocks of width 128) at
+    one input size, patch and conv stem depth, or with another depth and width, its heads as
+    wide as the recipe's and its MLP as many times the width."""
     from vit import ViTConfig
+    from vit.recipe import model_for
 
+    small = model_for(0)
+    depth, width = depth or small["depth"], width or small["dim"]
     return ViTConfig(
-        image_size=size, patch_size=patch, num_classes=10, dim=width, depth=depth, heads=width // 32,
-        mlp_dim=2 * width,
+        image_size=size, patch_size=patch, num_classes=10, dim=width, depth=depth,
+        heads=width // (small["dim"] // small["heads"]), mlp_dim=width * small["mlp_dim"] // small["dim"],
         stem="conv", stem_depth=stem_depth, class_token=False, pool="avg", fc_norm=True,
     )  # fmt: skip
 

@@ -220,6 +220,11 @@ def test_latency_sizes_are_the_ones_asked_for(tmp_path):
     assert doc["rows"][0]["plain_vs_first_row"] == 1.0
     assert all(r["plain_vs_first_row"] == pytest.approx(r["plain_ms"] / first, abs=0.011) for r in doc["rows"])
     assert ml.encoder("6x96") == (6, 96)
+    from vit.recipe import GLYPH_GRID_MODEL, model_for
+
+    # the timed encoders are the recipe's: its small model, and 6x96 its narrowed one for the 8x8 grid
+    for cfg, model in ((ml.model_config(16, 2, 2), model_for(0)), (ml.model_config(16, 2, 2, 6, 96), GLYPH_GRID_MODEL)):
+        assert dict(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim) == model
     for text, why in (("0x128", "at least one"), ("6x100", "multiple of 32"), ("6", "as in")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             ml.encoder(text)
