@@ -21,8 +21,9 @@ CPU_BUDGET = 8.0  # minutes: a from-scratch run's default time budget on a CPU
 SMALL_DATA = 5_000  # fewer training images than this get the small model (model_for)
 GLYPH_GRID = (16, 2)  # (input, patch) for small data of 12 px or less: an 8x8 token grid
 # The small model narrowed for that grid (4 times the tokens of 8 px in 2 px patches): its
-# file takes 1.44x the 4x4 grid's time at batch 1 on a CPU, the full width's 1.98-2.24x
-# (benchmarks/grid_encoder_latency_cpu.json, grid_latency_cpu.json), and it scores level
+# file takes 1.44x the 4x4 grid's time at batch 1 on a CPU with AVX-512, 1.83-1.96x on one with
+# AVX2 only, the full width's 1.98-2.24x and 2.67-2.72x (benchmarks/grid_encoder_latency_cpu.json,
+# grid_latency_cpu.json, grid_latency_avx2_r*_cpu.json), and it scores level
 # with the full width on digits: 99.29 against 99.42, within the spread (5 splits, 2 minutes;
 # benchmarks/learning_dig2screen_grid8w96_cpu.json, learning_dig2screen_grid8_cpu.json).
 GLYPH_GRID_MODEL = dict(dim=96, depth=6, heads=3, mlp_dim=192)
