@@ -43,7 +43,8 @@ def input_size_for(native_side: int, device: str, budget: float | None = None, n
     grows with it, so the token grid stays small. Images of 12 px or less (8 px digits) are
     resized to 16 px in 2-pixel patches, an 8x8 grid, when there are fewer than
     ``SMALL_DATA`` of them, with a narrower encoder (``model_for_input``) that keeps the file
-    within 1.5x the 4x4 grid's latency. Measured on digits with ``benchmarks/learning.py``
+    within 1.5x the 4x4 grid's latency on a CPU with AVX-512 (1.83-1.96x with AVX2 only).
+    Measured on digits with ``benchmarks/learning.py``
     against 8 px in a 4x4 grid: 99.29% against 99.11% in 2 minutes on the 5 splits it was
     chosen on, 99.07% against 98.84% on 5 new ones; 95.78% against 94.67% at 10 images a
     class and 97.41% against 96.37% at 20 in 1 minute (3 splits).
