@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import socket
@@ -70,6 +71,41 @@ def test_end_to_end_run_writes_everything(shapes_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["per_class"]) == set(cfg["labels"]) and 0 <= report["ece"] <= 1
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # no half-written files left
+
+
+def test_averaged_weights_keep_batchnorm_statistics_of_their_own(shapes_dir, tmp_path):
+    """The EMA's conv stem keeps the BatchNorm statistics its own averaged weights give, not an
+    average of the raw model's, which do not fit averaged weights that are still moving: after a
+    run whose weights moved far (a high learning rate, no clipping, a short average), the
+    variances the averaged model stores fit those its first convolution gives on the training
+    images at least as well as the raw model's fit its own (an average of the raw model's
+    statistics was 1.9 times as far off as the raw model's here)."""
+    from vit.data import EvalTransform, FolderDataset, scan_folder
+    from vit.engine import bn_stem
+    from vit.imageio import Preprocessing
+
+    out = tmp_path / "run"
+    args = ("--epochs", "10", "--workers", "0", "--lr", "0.1", "--ema-decay", "0.95", "--warmup-epochs", "0",
+            "--clip-grad", "0")  # fmt: skip
+    assert run_train("--data", shapes_dir, "--out", out, *args, *TINY_MODEL) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k.startswith("module.")}
+    scan = scan_folder(shapes_dir)
+    train_items = [(rel, y) for rel, y in json.loads((out / "split.json").read_text())["train"]]
+    data = FolderDataset(scan, train_items, EvalTransform(Preprocessing.from_dict(cfg["preprocessing"])))
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    off = {}  # how far each model's stored variances are from its own, the worst channel (log ratio)
+    for name, weights in (("raw", ck["model"]), ("ema", ema)):
+        model = ViT(ViTConfig.from_dict(cfg["model"])).eval()
+        model.load_state_dict(weights)
+        conv, bn = model.patch_embed.stem[0], model.patch_embed.stem[1]
+        with torch.no_grad():
+            var = conv(x).var(dim=(0, 2, 3))
+        off[name] = float((bn.running_var / var).log().abs().max())
+    assert off["ema"] <= off["raw"] < math.log(2), off
+    assert bn_stem(model) is model.patch_embed
+    assert bn_stem(ViT(ViTConfig.from_dict({**cfg["model"], "stem": "patch", "stem_depth": 1}))) is None
 
 
 def test_eval_on_another_folder(shapes_dir, tmp_path, capsys):
