@@ -101,11 +101,12 @@ def param_groups(model: ViT, weight_decay: float, layer_decay: float | None) -> 
 def bn_stem(model: nn.Module) -> nn.Module | None:
     """The model's input stem (``patch_embed``) when it holds all the model's BatchNorm layers
     (the conv stem), else None: the part an averaged model's BatchNorm statistics come from."""
+
+    def count(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
     stem = getattr(model, "patch_embed", None)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if stem is None or not bns or any(all(m is not b for m in stem.modules()) for b in bns):
-        return None
-    return stem
+    return stem if stem is not None and 0 < count(stem) == count(model) else None
 
 
 def ema_decay_for(steps: int) -> float:
