@@ -3,7 +3,7 @@ attention map included, for the CPU recipe's small-data model (6 blocks, width 1
 stem, mean pooling) at three input sizes, with and without predicting from the mirror too
 (``mirror_average``); with several conv stem depths (``--stem-depths``), each depth at every
 input size the CPU recipe picks; or at the input sizes and patches given (``--sizes``), with
-the encoders given (``--encoders``: depth and width, 32-wide heads, an MLP twice the width).
+the encoders given (``--encoders``: depth and width, heads as wide as the recipe's, an MLP twice the width).
 
     python benchmarks/mirror_latency.py                      # about a minute; writes benchmarks/mirror_latency_cpu.json
     python benchmarks/mirror_latency.py --stem-depths 1 2 --out benchmarks/stem_latency_cpu.json  # about 5 minutes
@@ -60,9 +60,18 @@ def encoder(text: str) -> tuple[int, int]:
         depth, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give a depth and a width, as in 6x128") from None
-    if depth < 1 or width < 32 or width % 32:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least one block, and a width that is a multiple of 32")
+    head = head_width()
+    if depth < 1 or width < head or width % head:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one block, and a width that is a multiple of {head}")
     return depth, width
+
+
+def head_width() -> int:
+    """The width of one attention head in the recipe's small model (32)."""
+    from vit.recipe import model_for
+
+    small = model_for(0)
+    return small["dim"] // small["heads"]
 
 
 def model_config(size: int, patch: int, stem_depth: int, depth: int | None = None, width: int | None = None):
@@ -76,7 +85,7 @@ def model_config(size: int, patch: int, stem_depth: int, depth: int | None = Non
     depth, width = depth or small["depth"], width or small["dim"]
     return ViTConfig(
         image_size=size, patch_size=patch, num_classes=10, dim=width, depth=depth,
-        heads=width // (small["dim"] // small["heads"]), mlp_dim=width * small["mlp_dim"] // small["dim"],
+        heads=width // head_width(), mlp_dim=width * small["mlp_dim"] // small["dim"],
         stem="conv", stem_depth=stem_depth, class_token=False, pool="avg", fc_norm=True,
     )  # fmt: skip
 
