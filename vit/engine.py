@@ -110,7 +110,8 @@ def bn_stem(model: nn.Module) -> nn.Module | None:
 
 
 # The averaged stem's BatchNorm statistics are measured again, before each validation, on the
-# epoch's last training batches: at most this many, and at most this many images (at 224 px).
+# epoch's last training batches (each rank its own): at most this many, and no more images than
+# this unless one batch holds more (a bound on the memory they hold: about 300 MB at 224 px).
 EMA_BN_BATCHES, EMA_BN_IMAGES = 8, 512
 
 
@@ -486,7 +487,8 @@ class Trainer:
         weights that are still moving. A 1-minute run on 100 digits ended with averaged weights
         that scored 44.9% on test with averaged statistics and 95.1% with statistics re-measured
         on its training images (a one-off check of the same weights; the raw model's last
-        weights: 95.1%). Once an epoch, on batches kept as they went by: a pass after every step
+        weights: 95.1%). Once an epoch, on batches kept as they went by (before mixup or
+        cutmix; a short last batch counts as much as a full one): a pass after every step
         cost a fifth of the epochs on 32 px shapes. Batches a resumed run did not see are made
         again (augmentation is a function of seed, epoch and image), so it measures the same."""
         if self.ema_stem is None:
@@ -621,6 +623,9 @@ class Trainer:
                 if self.stop_requested() and s.epoch < s.total_epochs:  # a signal during validation
                     raise Stop()
             if not s.kept:
-                self.settle(scores if scores is not None else self.evaluate())
+                if scores is None:  # resumed after the last epoch: validate it again, on its batches
+                    self.sampler.set_epoch(max(s.epoch - 1, 0))
+                    scores = self.evaluate()
+                self.settle(scores)
                 self.save_checkpoint()
         return s
