@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,7 @@ class Trainer:
             self.ema_stem = bn_stem(self.ema.module)
         per_rank = -(-len(train_ds) // d.world)
         self.bn_batches = max(1, min(EMA_BN_BATCHES, EMA_BN_IMAGES // cfg.batch_size, -(-per_rank // cfg.batch_size)))
-        self.recent: list[torch.Tensor] = []  # the epoch's last training batches (ema_batchnorm)
+        self.recent: deque[torch.Tensor] = deque(maxlen=self.bn_batches)  # the epoch's last batches (ema_batchnorm)
         self.net = self.model
         if d.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
@@ -379,7 +380,7 @@ class Trainer:
             wait += time.perf_counter() - tw
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.ema_stem is not None:
-                self.recent = [*self.recent[1 - self.bn_batches :], x] if self.bn_batches > 1 else [x]
+                self.recent.append(x)
             target = y
             if self.mix is not None:
                 x, target = self.mix(x, y)
@@ -501,8 +502,8 @@ class Trainer:
                 for j in range(total - self.bn_batches, total - len(self.recent))
             ]
         with self.autocast():
-            update_bn(earlier + self.recent, self.ema_stem)
-        self.recent = []
+            update_bn([*earlier, *self.recent], self.ema_stem)
+        self.recent.clear()
 
     def evaluate(self) -> dict:
         """Validation loss and accuracy of the raw weights and, if kept, their EMA (its conv
