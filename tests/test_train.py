@@ -109,6 +109,56 @@ def test_averaged_weights_keep_batchnorm_statistics_of_their_own(shapes_dir, tmp
     assert bn_stem(ViT(ViTConfig.from_dict({**cfg["model"], "stem": "patch", "stem_depth": 1}))) is None
 
 
+def test_sam_steps_with_the_gradient_at_the_perturbed_weights(tmp_path):
+    """--sam RHO: the optimizer steps from the weights w with the gradient taken at
+    w + RHO g / |g| (g: the gradient at w, on the same images), and BatchNorm's statistics move
+    once a step, as without SAM, not again for the perturbed pass."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from vit.config import TrainConfig
+    from vit.engine import Dist, Trainer
+    from vit.recipe import scratch_recipe
+
+    torch.manual_seed(0)
+    arch = dict(image_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64, stem="conv",
+                stem_depth=2, class_token=False, pool="avg", fc_norm=True)  # fmt: skip
+    model = ViT(ViTConfig(**arch))  # no dropout, no stochastic depth: both passes are deterministic
+    x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    recipe = {k: v for k, v in scratch_recipe(8, 16, "cpu", 0).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig.from_dict({**recipe, "sam": 0.5, "clip_grad": 0.0, "ema": False, "workers": 0, "epochs": 1})
+    trainer = Trainer(model, cfg, TensorDataset(x, y), TensorDataset(x, y), tmp_path, torch.device("cpu"), Dist())
+    reference = copy.deepcopy(model)
+
+    seen = {}
+
+    def step():  # what the optimizer is given
+        seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["grads"] = [p.grad.clone() for p in model.parameters()]
+
+    trainer.opt.step = step
+    trainer.train_step(iter([(x, y)]))
+
+    def gradient(net):
+        loss = F.cross_entropy(net.train()(x), y, label_smoothing=cfg.label_smoothing)
+        return torch.autograd.grad(loss, list(net.parameters()))
+
+    plain = gradient(reference)  # also moves reference's BatchNorm statistics once
+    perturbed = copy.deepcopy(reference)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in plain]))
+    with torch.no_grad():
+        for p, g in zip(perturbed.parameters(), plain):
+            p.add_(0.5 * g / norm)
+    sharp = gradient(perturbed)
+    for got, want in zip(seen["grads"], sharp):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(sharp, plain)) > 1e-3  # SAM's gradient is another
+    for k, v in reference.state_dict().items():  # the weights w themselves, and the statistics moved once
+        torch.testing.assert_close(seen["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_eval_on_another_folder(shapes_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", *TINY_MODEL) == 0
@@ -179,13 +229,15 @@ def test_overrides_reach_the_saved_config(shapes_dir, tmp_path):
             "patch",
             "--pool",
             "token",
+            "--sam",
+            "0.05",
             *TINY_MODEL,
         )
         == 0
     )
     cfg = json.loads((out / "config.json").read_text())
     t = cfg["train"]
-    assert (t["lr"], t["ema"], t["hflip"], t["augment"]) == (0.0042, False, 0, "none")
+    assert (t["lr"], t["ema"], t["hflip"], t["augment"], t["sam"]) == (0.0042, False, 0, "none", 0.05)
     assert cfg["model"]["image_size"] == [24, 24] and cfg["model"]["patch_size"] == 6 and cfg["model"]["depth"] == 1
     assert (cfg["model"]["stem"], cfg["model"]["pool"], cfg["model"]["class_token"]) == ("patch", "token", True)
     assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1") == 2  # the run exists: no overwrite
@@ -727,6 +779,7 @@ def test_an_error_after_workers_started_ends_the_process(shapes_dir, tmp_path):
         ("--batch-size", "0"),
         ("--hflip", "2"),
         ("--stem-depth", "0"),
+        ("--sam", "-0.1"),
     ],
 )
 def test_settings_no_run_can_use_are_refused_by_name(shapes_dir, tmp_path, capsys, flag, value):

@@ -371,6 +371,7 @@ class Trainer:
         lr = self.set_lr()
         torch.manual_seed(sample_seed(cfg.seed + 7 * self.d.rank, s.epoch, 10**7 + s.step_in_epoch))
         wait = 0.0
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's micro-batches, for SAM's second pass
         for micro in range(cfg.grad_accum):
             tw = time.perf_counter()
             try:
@@ -384,15 +385,14 @@ class Trainer:
             target = y
             if self.mix is not None:
                 x, target = self.mix(x, y)
-            sync = micro == cfg.grad_accum - 1 or self.d.world == 1
-            ctx = self.net.no_sync() if (self.d.world > 1 and not sync) else nullcontext()
-            with ctx, self.autocast():
-                logits = self.fwd(x)
-                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-            (loss / cfg.grad_accum).backward()
+            logits, loss = self.forward_backward(x, target, micro)
+            if cfg.sam:
+                seen.append((x, target))
             s.sums["loss"] += loss.item() * len(y)
             s.sums["correct"] += (logits.argmax(1) == y).sum().item()
             s.sums["seen"] += len(y)
+        if seen:
+            self.sam_gradient(seen)
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.opt.step()
@@ -402,6 +402,41 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return lr, wait
+
+    def forward_backward(self, x: torch.Tensor, target: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's loss and its gradient, added to the step's (DDP syncs on the last)."""
+        cfg = self.cfg
+        sync = micro == cfg.grad_accum - 1 or self.d.world == 1
+        ctx = self.net.no_sync() if (self.d.world > 1 and not sync) else nullcontext()
+        with ctx, self.autocast():
+            logits = self.fwd(x)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        (loss / cfg.grad_accum).backward()
+        return logits, loss
+
+    def sam_gradient(self, seen: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Sharpness-aware minimisation (Foret et al. 2021): replace the step's gradient g by the
+        gradient at w + rho g / |g| on the same images, then put the weights back. The second
+        pass leaves BatchNorm's running statistics alone (it sees perturbed weights), and under
+        DDP every rank moves the same way, since g is already averaged over the ranks."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+            scale = self.cfg.sam / (norm + 1e-12)
+            original = [p.detach().clone() for p in params]
+            for p in params:
+                p.add_(p.grad * scale.to(p.dtype))
+            buffers = [b.detach().clone() for b in self.model.buffers()]  # BatchNorm's statistics
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            for micro, (x, target) in enumerate(seen):
+                self.forward_backward(x, target, micro)
+        finally:
+            with torch.no_grad():
+                for p, w in zip(params, original):
+                    p.copy_(w)
+                for b, v in zip(self.model.buffers(), buffers):
+                    b.copy_(v)
 
     def first_estimate(self) -> None:
         """The run's first length, from its first six steps (the time budget)."""
