@@ -71,7 +71,7 @@ class TrainConfig:
     sam: float | None = setting(
         "sharpness-aware minimisation radius rho (0: off; Foret et al. 2021): each step takes its gradient at "
         "weights moved rho along the first gradient, so a step costs about two; 0.1 paid on the digits with a "
-        "5-minute budget, not with 2 (see the README)"
+        "5-minute budget, not with 2 or on 10 images a class (see the README)"
     )
     ema: bool | None = setting("keep an exponential moving average of the weights")
     ema_decay: float | None = setting("decay of the weights' EMA (default: from the run's length)")

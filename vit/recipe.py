@@ -155,10 +155,11 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         drop_path=0.1 if (glyphs and num_images < SMALL_DATA) or not short else 0.0,
         dropout=0.0,
         clip_grad=1.0,
-        # Sharpness-aware minimisation costs a second forward and backward pass a step. On the
-        # digits (5 splits) it was level with plain steps in 2 minutes, where it halves the
-        # epochs, and ahead in 5 (benchmarks/learning_dig*screen_sam*_cpu.json): opt-in (--sam 0.1)
-        # until a rule for when the budget allows it is measured on the other data sets.
+        # Sharpness-aware minimisation costs a second forward and backward pass a step, so it
+        # halves the epochs. On the digits (5 splits) it was level with plain steps in 2 minutes
+        # and 0.27 ahead in 5 (benchmarks/learning_dig*screen_sam*_cpu.json); at 10 digits a
+        # class in 1 minute it lost 1.5 points (learning_intel_sam10_tiny10_cpu.json). Opt-in
+        # (--sam 0.1) until when to turn it on is measured on the other data sets too.
         sam=0.0,
         ema=True,
         layer_decay=None,
