@@ -159,6 +159,36 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_weights(tmp_path):
         torch.testing.assert_close(seen["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_gradient_accumulation_syncs_on_the_last_micro_batch_of_a_short_last_step(tmp_path):
+    """With --grad-accum 2 and 5 batches an epoch, the epoch's last step has one micro-batch:
+    that one is the step's last, where DDP averages the ranks' gradients (else each rank would
+    step with its own gradient there, and the copies would drift apart)."""
+    from torch.utils.data import TensorDataset
+
+    from vit.config import TrainConfig
+    from vit.engine import Dist, Trainer
+    from vit.recipe import scratch_recipe
+
+    class Images(TensorDataset):  # the training sampler yields (index, epoch)
+        def __getitem__(self, key):
+            return super().__getitem__(key[0])
+
+    arch = dict(image_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64)
+    x, y = torch.randn(40, 3, 16, 16), torch.arange(40) % 3
+    recipe = {k: v for k, v in scratch_recipe(40, 16, "cpu", 0).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig.from_dict({**recipe, "batch_size": 8, "grad_accum": 2, "ema": False, "workers": 0, "epochs": 1})
+    data = Images(x, y)
+    trainer = Trainer(ViT(ViTConfig(**arch)), cfg, data, data, tmp_path, torch.device("cpu"), Dist())
+    lasts = []
+    plain = trainer.forward_backward
+    trainer.forward_backward = lambda x, target, last: (lasts.append(last), plain(x, target, last))[1]
+    batches = iter(trainer.loader)
+    for _ in range(trainer.steps_per_epoch):
+        trainer.train_step(batches)
+        trainer.state.step_in_epoch += 1
+    assert trainer.steps_per_epoch == 3 and lasts == [False, True, False, True, True]
+
+
 def test_eval_on_another_folder(shapes_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", *TINY_MODEL) == 0
@@ -780,6 +810,8 @@ def test_an_error_after_workers_started_ends_the_process(shapes_dir, tmp_path):
         ("--hflip", "2"),
         ("--stem-depth", "0"),
         ("--sam", "-0.1"),
+        ("--sam", "inf"),
+        ("--lr", "inf"),
     ],
 )
 def test_settings_no_run_can_use_are_refused_by_name(shapes_dir, tmp_path, capsys, flag, value):

@@ -12,6 +12,7 @@ goes (the time budget's length and EMA decay) lives in the trainer's checkpointe
 from __future__ import annotations
 
 import argparse
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -70,8 +71,8 @@ class TrainConfig:
     clip_grad: float | None = setting("gradient norm clipping (0: off)")
     sam: float | None = setting(
         "sharpness-aware minimisation radius rho (0: off; Foret et al. 2021): each step takes its gradient at "
-        "weights moved rho along the first gradient, so a step costs about two; 0.1 paid on the digits with a "
-        "5-minute budget, not with 2 or on 10 images a class (see the README)"
+        "weights moved rho along the first gradient, so a step costs about two; 0.1 helped on the digits with a "
+        "5-minute budget, not with a 2-minute one or on 10-20 images a class (see the README)"
     )
     ema: bool | None = setting("keep an exponential moving average of the weights")
     ema_decay: float | None = setting("decay of the weights' EMA (default: from the run's length)")
@@ -128,12 +129,12 @@ class TrainConfig:
                           "workers"),
         }  # fmt: skip
         ok = {
-            "positive": lambda v: v > 0,
+            "positive": lambda v: 0 < v < math.inf,
             "a share in (0, 1)": lambda v: 0 < v < 1,
             "a probability in [0, 1]": lambda v: 0 <= v <= 1,
             "in (0, 1]": lambda v: 0 < v <= 1,
             "in [0, 1)": lambda v: 0 <= v < 1,
-            "0 or more": lambda v: v >= 0,
+            "0 or more": lambda v: 0 <= v < math.inf,  # inf (like nan) is no number a run can use
         }
         bad = [
             f"--{name.replace('_', '-')} {getattr(self, name)} (must be {rule})"

@@ -372,7 +372,8 @@ class Trainer:
         torch.manual_seed(sample_seed(cfg.seed + 7 * self.d.rank, s.epoch, 10**7 + s.step_in_epoch))
         wait = 0.0
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's micro-batches, for SAM's second pass
-        for micro in range(cfg.grad_accum):
+        micros = self.micro_batches()
+        for micro in range(micros):
             tw = time.perf_counter()
             try:
                 x, y = next(batches)
@@ -385,7 +386,7 @@ class Trainer:
             target = y
             if self.mix is not None:
                 x, target = self.mix(x, y)
-            logits, loss = self.forward_backward(x, target, micro)
+            logits, loss = self.forward_backward(x, target, last=micro == micros - 1)
             if cfg.sam:
                 seen.append((x, target))
             s.sums["loss"] += loss.item() * len(y)
@@ -403,11 +404,18 @@ class Trainer:
             torch.cuda.synchronize()
         return lr, wait
 
-    def forward_backward(self, x: torch.Tensor, target: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch's loss and its gradient, added to the step's (DDP syncs on the last)."""
+    def micro_batches(self) -> int:
+        """Micro-batches in the current step: ``grad_accum``, fewer in an epoch's last step when
+        the epoch's batches do not divide evenly (every rank has as many: the sampler pads)."""
+        per_rank = -(-len(self.train_ds) // self.d.world)
+        left = -(-per_rank // self.cfg.batch_size) - self.state.step_in_epoch * self.cfg.grad_accum
+        return max(1, min(self.cfg.grad_accum, left))
+
+    def forward_backward(self, x: torch.Tensor, target: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's loss and its gradient, added to the step's; under DDP the ranks
+        average the step's gradient on its ``last`` micro-batch."""
         cfg = self.cfg
-        sync = micro == cfg.grad_accum - 1 or self.d.world == 1
-        ctx = self.net.no_sync() if (self.d.world > 1 and not sync) else nullcontext()
+        ctx = self.net.no_sync() if (self.d.world > 1 and not last) else nullcontext()
         with ctx, self.autocast():
             logits = self.fwd(x)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
@@ -430,7 +438,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         try:
             for micro, (x, target) in enumerate(seen):
-                self.forward_backward(x, target, micro)
+                self.forward_backward(x, target, last=micro == len(seen) - 1)
         finally:
             with torch.no_grad():
                 for p, w in zip(params, original):
