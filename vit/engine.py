@@ -241,7 +241,8 @@ class Trainer:
         self.train_ds, self.val_ds = train_ds, val_ds
         self.sampler = EpochSampler(len(train_ds), cfg.seed, True, d.rank, d.world)
         self.loader, self.val_loader = make_loaders(train_ds, val_ds, self.sampler, cfg, device)
-        self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size / cfg.grad_accum)
+        self.batches_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)  # per rank: the sampler pads
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.opt = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr, betas=(0.9, 0.999),
             fused=device.type == "cuda",
@@ -406,9 +407,8 @@ class Trainer:
 
     def micro_batches(self) -> int:
         """Micro-batches in the current step: ``grad_accum``, fewer in an epoch's last step when
-        the epoch's batches do not divide evenly (every rank has as many: the sampler pads)."""
-        per_rank = -(-len(self.train_ds) // self.d.world)
-        left = -(-per_rank // self.cfg.batch_size) - self.state.step_in_epoch * self.cfg.grad_accum
+        the epoch's batches do not divide evenly (every rank has as many)."""
+        left = self.batches_per_epoch - self.state.step_in_epoch * self.cfg.grad_accum
         return max(1, min(self.cfg.grad_accum, left))
 
     def forward_backward(self, x: torch.Tensor, target: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
