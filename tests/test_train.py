@@ -109,6 +109,20 @@ def test_averaged_weights_keep_batchnorm_statistics_of_their_own(shapes_dir, tmp
     assert bn_stem(ViT(ViTConfig.from_dict({**cfg["model"], "stem": "patch", "stem_depth": 1}))) is None
 
 
+def bare_trainer(model: ViT, data, tmp_path, **settings):
+    """A Trainer on in-memory data with the scratch recipe's settings and ``settings`` over them
+    (one process, CPU, no workers, no EMA): for tests of single steps."""
+    from vit.config import TrainConfig
+    from vit.engine import Dist, Trainer
+    from vit.recipe import scratch_recipe
+
+    side = model.config.image_size[0]
+    recipe = scratch_recipe(len(data), side, "cpu", 0)
+    recipe = {k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig.from_dict({**recipe, "ema": False, "workers": 0, "epochs": 1, **settings})
+    return Trainer(model, cfg, data, data, tmp_path, torch.device("cpu"), Dist())
+
+
 def test_sam_steps_with_the_gradient_at_the_perturbed_weights(tmp_path):
     """--sam RHO: the optimizer steps from the weights w with the gradient taken at
     w + RHO g / |g| (g: the gradient at w, on the same images), and BatchNorm's statistics move
@@ -118,18 +132,13 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_weights(tmp_path):
     import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
-    from vit.config import TrainConfig
-    from vit.engine import Dist, Trainer
-    from vit.recipe import scratch_recipe
-
     torch.manual_seed(0)
     arch = dict(image_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64, stem="conv",
                 stem_depth=2, class_token=False, pool="avg", fc_norm=True)  # fmt: skip
     model = ViT(ViTConfig(**arch))  # no dropout, no stochastic depth: both passes are deterministic
     x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    recipe = {k: v for k, v in scratch_recipe(8, 16, "cpu", 0).items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig.from_dict({**recipe, "sam": 0.5, "clip_grad": 0.0, "ema": False, "workers": 0, "epochs": 1})
-    trainer = Trainer(model, cfg, TensorDataset(x, y), TensorDataset(x, y), tmp_path, torch.device("cpu"), Dist())
+    trainer = bare_trainer(model, TensorDataset(x, y), tmp_path, sam=0.5, clip_grad=0.0)
+    cfg = trainer.cfg
     reference = copy.deepcopy(model)
 
     seen = {}
@@ -165,20 +174,13 @@ def test_gradient_accumulation_syncs_on_the_last_micro_batch_of_a_short_last_ste
     step with its own gradient there, and the copies would drift apart)."""
     from torch.utils.data import TensorDataset
 
-    from vit.config import TrainConfig
-    from vit.engine import Dist, Trainer
-    from vit.recipe import scratch_recipe
-
     class Images(TensorDataset):  # the training sampler yields (index, epoch)
         def __getitem__(self, key):
             return super().__getitem__(key[0])
 
     arch = dict(image_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64)
     x, y = torch.randn(40, 3, 16, 16), torch.arange(40) % 3
-    recipe = {k: v for k, v in scratch_recipe(40, 16, "cpu", 0).items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig.from_dict({**recipe, "batch_size": 8, "grad_accum": 2, "ema": False, "workers": 0, "epochs": 1})
-    data = Images(x, y)
-    trainer = Trainer(ViT(ViTConfig(**arch)), cfg, data, data, tmp_path, torch.device("cpu"), Dist())
+    trainer = bare_trainer(ViT(ViTConfig(**arch)), Images(x, y), tmp_path, batch_size=8, grad_accum=2)
     lasts = []
     plain = trainer.forward_backward
     trainer.forward_backward = lambda x, target, last: (lasts.append(last), plain(x, target, last))[1]
