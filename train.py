@@ -263,6 +263,10 @@ def start_run(args, device: str, world: int):
     return new_run(args, device, world)
 
 
+class Finished(Exception):
+    """--resume on a run that has finished: nothing to do, which is no error."""
+
+
 def resume_run(args, device: str):
     """The run's own settings, split and architecture, checked against what is on disk now."""
     from vit import ViT, ViTConfig
@@ -283,6 +287,8 @@ def resume_run(args, device: str):
     changed = (["--pretrained"] if args.pretrained else []) + changed_on_resume(cfg, given(args))
     if changed:
         raise DataError(f"--resume continues with the run's own settings; drop {', '.join(changed)}")
+    if "result" in saved:  # the last thing a run writes
+        raise Finished(f"{run} finished training: nothing to resume; its report is {run / 'report.md'}")
     cache = planned_cache(args, saved, None, device)
     scan = scan_folder(
         run.data_root(args.data), args.strict, args.max_pixels or DEFAULT_MAX_PIXELS, args.cache, **cache
@@ -356,7 +362,7 @@ def train(args) -> int:
     import torch
 
     from vit.budget import TimeBudget
-    from vit.engine import Stop, Trainer, init_distributed, resolve_device
+    from vit.engine import Diverged, Stop, Trainer, init_distributed, resolve_device
 
     t_start = time.perf_counter()
     d = init_distributed(
@@ -365,7 +371,11 @@ def train(args) -> int:
     device = resolve_device(args.device, d)
     say = log if d.main else (lambda *a: None)
     try:
-        run, cfg, scan, split, model, resumed = start_run(args, device.type, d.world)
+        try:
+            run, cfg, scan, split, model, resumed = start_run(args, device.type, d.world)
+        except Finished as e:
+            say(str(e))
+            return 0
         if d.main:
             describe_scan(scan, split)
         train_ds, val_ds, test_ds = make_datasets(scan, split, cfg, model.config)
@@ -394,7 +404,11 @@ def train(args) -> int:
         )
         if resumed:
             trainer.load_checkpoint(run / run.CHECKPOINT)
-            say(f"Resuming {run} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}")
+            if trainer.state.epoch >= trainer.state.total_epochs:  # stopped before its report was written
+                what = "writing its report" if trainer.state.kept else "choosing its weights and writing its report"
+                say(f"{run} finished its {trainer.state.epoch} epochs; {what}")
+            else:
+                say(f"Resuming {run} at epoch {trainer.state.epoch + 1}, step {trainer.state.step_in_epoch}")
         elif d.main:
             write_new_run(run, run_config, scan, split, cfg)
             describe_start(model, cfg, device, d.world)
@@ -406,6 +420,11 @@ def train(args) -> int:
             say(f"\nStopped by signal; checkpoint saved. Continue with: python train.py --resume {run}")
             leave_process_group(d)
             return 130
+        except Diverged as e:
+            if d.main:
+                print(f"error: {e}", file=sys.stderr)
+            leave_process_group(d)
+            return 1
         leave_process_group(d)
         if d.main and budget is not None and not resumed:
             log(budget_use(budget, state, time.perf_counter() - t_start))

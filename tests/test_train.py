@@ -191,6 +191,65 @@ def test_gradient_accumulation_syncs_on_the_last_micro_batch_of_a_short_last_ste
     assert trainer.steps_per_epoch == 3 and lasts == [False, True, False, True, True]
 
 
+def test_a_step_whose_gradient_is_not_finite_is_skipped_and_a_run_of_them_stops_training(tmp_path):
+    """One NaN in a step's loss leaves the weights, the averaged weights, BatchNorm's statistics
+    and the epoch's loss as they were (the step is skipped and counted), the next finite step
+    trains as usual, and ``MOST_BAD_STEPS`` skipped steps in a row stop the run with a message
+    that says what to do."""
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    from vit.engine import Diverged
+
+    torch.manual_seed(0)
+    arch = dict(image_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64, stem="conv",
+                stem_depth=2)  # fmt: skip  # BatchNorm's statistics, which a skipped step must not move either
+    x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trainer = bare_trainer(ViT(ViTConfig(**arch)), TensorDataset(x, y), tmp_path, ema=True, ema_decay=0.9)
+    plain, poisoned = trainer.forward_backward, {"on": True}
+
+    def forward_backward(x, target, last):  # NaN in one weight's gradient, as an overflow gives
+        logits, loss = plain(x, target, last)
+        if poisoned["on"]:
+            next(trainer.model.parameters()).grad.view(-1)[0] = math.nan
+            loss = loss * math.nan
+        return logits, loss
+
+    trainer.forward_backward = forward_backward
+    before, ema_before = copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.ema.state_dict())
+    trainer.train_step(iter([(x, y)]))
+    for k, v in trainer.model.state_dict().items():  # the weights and BatchNorm's statistics
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    for k, v in trainer.ema.state_dict().items():
+        torch.testing.assert_close(v, ema_before[k], rtol=0, atol=0, msg=k)
+    sums = trainer.state.sums
+    assert sums["skipped"] == 1 and sums["seen"] == 0 and math.isfinite(sums["loss"])
+
+    poisoned["on"] = False
+    trainer.train_step(iter([(x, y)]))
+    params = dict(trainer.model.named_parameters())
+    assert trainer.state.bad_steps == 0 and sums["seen"] == 8 and math.isfinite(sums["loss"])
+    assert any(not torch.equal(params[k].detach(), before[k]) for k in params)  # this one stepped
+
+    poisoned["on"] = True
+    for _ in range(trainer.MOST_BAD_STEPS - 1):
+        trainer.train_step(iter([(x, y)]))
+    with pytest.raises(Diverged, match=r"--lr \(this run's is [0-9.e-]+\)$"):  # it clips already: lr it is
+        trainer.train_step(iter([(x, y)]))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_a_diverging_run_stops_with_a_clear_message(shapes_dir, tmp_path, capsys):
+    """A learning rate far too high: the run stops with exit code 1 and says what to change,
+    before weights that answer NaN can be kept (and then exported)."""
+    out = tmp_path / "run"
+    code = run_train("--data", shapes_dir, "--out", out, "--epochs", "3", "--workers", "0", "--lr", "1e30", *TINY_MODEL)
+    err = capsys.readouterr().err
+    assert code == 1 and "training diverged" in err and "--lr" in err, err[-2000:]
+    assert not (out / "model.safetensors").exists()
+
+
 def test_eval_on_another_folder(shapes_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_train("--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", *TINY_MODEL) == 0
@@ -882,6 +941,33 @@ def test_resume_reads_a_checkpoint_of_the_earlier_layout(run_dir, tmp_path):
         ck["state"].pop(key)
     ck["config"] = {"ema_decay": 0.5, "epochs_fitted": ck["state"]["total_epochs"]}
     torch.save(ck, run / "checkpoint.pt")
+    config = json.loads((run / "config.json").read_text())
+    del config["result"]  # as if stopped while writing its report: the resume writes it
+    (run / "config.json").write_text(json.dumps(config))
     assert run_train("--resume", run, "--workers", "0") == 0  # already at its last epoch: it only reports
     t = json.loads((run / "config.json").read_text())["train"]
     assert t["ema_decay"] == 0.5 and t["epochs_fitted"] == ck["state"]["total_epochs"]
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_so(run_dir, tmp_path, capsys):
+    """--resume on a run that finished (its report written) is not an error, and not a second
+    report either: it says the run is finished and where its report is. One stopped while
+    writing its report gets the report."""
+    import shutil
+
+    run = tmp_path / "done"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.onnx"))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_train("--resume", run, "--workers", "0") == 0
+    out = capsys.readouterr().out
+    assert "finished training: nothing to resume" in out and "Resuming" not in out, out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+    config = json.loads((run / "config.json").read_text())
+    del config["result"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_train("--resume", run, "--workers", "0") == 0
+    assert "finished its 8 epochs; writing its report" in capsys.readouterr().out
+    again, first = (json.loads(t)["result"] for t in ((run / "config.json").read_text(), before["config.json"]))
+    assert {**again, "train_minutes": 0} == {**first, "train_minutes": 0}  # the same weights, scored again

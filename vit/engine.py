@@ -155,7 +155,13 @@ class State:
     kept: str = ""  # why the kept weights are those of best_epoch, once the run has ended
     fitted: bool = False  # the time budget has chosen total_epochs
     ema_decay: float | None = None  # the EMA's decay now (it follows a fitted length)
+    bad_steps: int = 0  # skipped steps in a row, their gradient not a finite number
     sums: dict = field(default_factory=lambda: dict(loss=0.0, correct=0.0, seen=0.0, wait=0.0, step=0.0, lr=0.0))
+
+
+class Diverged(FloatingPointError):
+    """Raised when ``Trainer.MOST_BAD_STEPS`` steps in a row had a gradient that was not finite,
+    or when the weights' validation loss is not: the run cannot go on as it is."""
 
 
 class Stop(Exception):
@@ -365,6 +371,8 @@ class Trainer:
         )
 
     # ----- training ------------------------------------------------------------------
+    MOST_BAD_STEPS = 5  # skipped steps in a row (gradient not finite) after which the run stops
+
     def train_step(self, batches) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (learning rate, seconds
         waited for data). Its randomness (dropout, mixup) is seeded by (seed, rank, epoch, step)."""
@@ -373,37 +381,70 @@ class Trainer:
         torch.manual_seed(sample_seed(cfg.seed + 7 * self.d.rank, s.epoch, 10**7 + s.step_in_epoch))
         wait = 0.0
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's micro-batches, for SAM's second pass
+        sums = dict(loss=0.0, correct=0.0, seen=0.0)  # counted only if the step is taken
+        buffers = [b.detach().clone() for b in self.model.buffers()]  # BatchNorm's statistics, if it is not
         micros = self.micro_batches()
-        for micro in range(micros):
-            tw = time.perf_counter()
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                break
-            wait += time.perf_counter() - tw
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.ema_stem is not None:
-                self.recent.append(x)
-            target = y
-            if self.mix is not None:
-                x, target = self.mix(x, y)
-            logits, loss = self.forward_backward(x, target, last=micro == micros - 1)
-            if cfg.sam:
-                seen.append((x, target))
-            s.sums["loss"] += loss.item() * len(y)
-            s.sums["correct"] += (logits.argmax(1) == y).sum().item()
-            s.sums["seen"] += len(y)
+        try:
+            for micro in range(micros):
+                tw = time.perf_counter()
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    break
+                wait += time.perf_counter() - tw
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.ema_stem is not None:
+                    self.recent.append(x)
+                target = y
+                if self.mix is not None:
+                    x, target = self.mix(x, y)
+                logits, loss = self.forward_backward(x, target, last=micro == micros - 1)
+                if cfg.sam:
+                    seen.append((x, target))
+                sums["loss"] += loss.item() * len(y)
+                sums["correct"] += (logits.argmax(1) == y).sum().item()
+                sums["seen"] += len(y)
+        except RuntimeError:  # the loader's workers ended by a signal: the step did not happen
+            self.restore(buffers)
+            raise
         if seen:
             self.sam_gradient(seen)
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-        self.opt.step()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+        if torch.isfinite(norm):  # the same on every rank: DDP has averaged the gradients
+            s.bad_steps = 0
+            if cfg.clip_grad:
+                nn.utils.clip_grads_with_norm_(params, cfg.clip_grad, norm)
+            self.opt.step()
+            for k, v in sums.items():
+                s.sums[k] += v
+        else:  # an overflow: skip the step rather than let a NaN into the weights or the statistics
+            s.bad_steps += 1
+            s.sums["skipped"] = s.sums.get("skipped", 0.0) + 1
+            s.sums["skipped_images"] = s.sums.get("skipped_images", 0.0) + sums["seen"]
+            self.restore(buffers)
         self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if s.bad_steps >= self.MOST_BAD_STEPS:
+            raise Diverged(
+                f"training diverged at epoch {s.epoch + 1}, step {s.step_in_epoch + 1}: the gradient was not a "
+                f"finite number in {s.bad_steps} steps in a row (none of them was taken). Train again in a new "
+                f"--out with a lower --lr (this run's is {cfg.lr:g}){self.or_clip()}"
+            )
+        if self.ema is not None and not s.bad_steps:
             self.ema.update_parameters(self.model)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return lr, wait
+
+    def restore(self, buffers: list[torch.Tensor]) -> None:
+        """Put back the model's buffers (BatchNorm's statistics) as they were before a step."""
+        with torch.no_grad():
+            for b, v in zip(self.model.buffers(), buffers):
+                b.copy_(v)
+
+    def or_clip(self) -> str:
+        """The other remedy for an overflow, where the run has not taken it."""
+        return "" if self.cfg.clip_grad else " or with --clip-grad 1"
 
     def micro_batches(self) -> int:
         """Micro-batches in the current step: ``grad_accum``, fewer in an epoch's last step when
@@ -474,6 +515,9 @@ class Trainer:
             t0, before = time.perf_counter(), dict(s.sums)
             try:
                 lr, wait = self.train_step(batches)
+            except Diverged:
+                bar.close()
+                raise
             except RuntimeError:  # e.g. SIGTERM to the process group ended the loader's workers
                 if self.signals.received is None:
                     raise
@@ -502,12 +546,18 @@ class Trainer:
                 self.save_checkpoint()
                 raise Stop()
         bar.close()
-        seen = max(s.sums["seen"], 1)
+        if s.sums.get("skipped") and self.d.main:
+            self.log(
+                f"epoch {s.epoch + 1}: skipped {s.sums['skipped']:.0f} step(s) whose gradient was not a finite number "
+                f"(an overflow); if this goes on, train again with a lower --lr{self.or_clip()}"
+            )
+        seen = s.sums["seen"] or math.nan  # every step skipped: no loss to report
+        images = s.sums["seen"] + s.sums.get("skipped_images", 0.0)
         return dict(
             train_loss=s.sums["loss"] / seen,
             train_acc=s.sums["correct"] / seen,
             data_wait=s.sums["wait"] / max(s.sums["step"], 1e-9),
-            images_per_s=s.sums["seen"] * self.d.world / max(s.sums["step"], 1e-9),
+            images_per_s=images * self.d.world / max(s.sums["step"], 1e-9),
             lr=s.sums.get("lr", 0.0),
         )
 
@@ -562,9 +612,29 @@ class Trainer:
             )
         return out
 
+    def check_finite(self, scores: dict) -> None:
+        """Raise ``Diverged`` when the raw weights' validation loss is not a finite number on some
+        rank: steps with finite gradients can still have moved the weights out of range (a
+        learning rate far too high), and no such weights may be kept."""
+        bad = not math.isfinite(scores["raw"]["loss"])
+        if self.d.world > 1:  # each rank's BatchNorm statistics are its own: agree on it
+            t = torch.tensor([float(bad)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            bad = bool(t.item())
+        if bad:
+            raise Diverged(
+                f"training diverged by epoch {self.state.epoch + 1}: its weights give a validation loss that is "
+                f"not a finite number. Train again in a new --out with a lower --lr (this run's is "
+                f"{self.cfg.lr:g}){self.or_clip()}"
+            )
+
     def select(self, scores: dict) -> bool:
-        """Keep the better of raw and EMA if it beats every earlier epoch (accuracy, then loss)."""
+        """Keep the better of raw and EMA if it beats every earlier epoch (accuracy, then loss);
+        weights whose validation loss is not finite never."""
         s = self.state
+        scores = {k: v for k, v in scores.items() if math.isfinite(v["loss"])}
+        if not scores:
+            return False
         name = max(scores, key=lambda k: rank(scores[k]))
         best = scores[name]
         if rank(best) <= (s.best_acc, -s.best_loss):
@@ -586,6 +656,7 @@ class Trainer:
         the schedule: on letters in fonts not in training, the last EMA weights scored 99.42%
         against the best-validation epoch's 98.46% (benchmarks/learning_5min_bestval_cpu.json)."""
         s = self.state
+        scores = {k: v for k, v in scores.items() if math.isfinite(v["loss"])}  # check_finite kept "raw"
         name = "ema" if "ema" in scores else "raw"
         if name == "ema" and s.global_step < 3 / (1 - (s.ema_decay or 0.0)):
             # an EMA of too few steps is still mostly the first weights: the better of the two
@@ -644,6 +715,7 @@ class Trainer:
                         raise
                     self.save_checkpoint()  # training of this epoch is done; resume validates it
                     raise Stop() from None
+                self.check_finite(scores)
                 improved = self.select(scores)
                 row = dict(
                     epoch=s.epoch + 1,
@@ -670,6 +742,7 @@ class Trainer:
                 if scores is None:  # resumed after the last epoch: validate it again, on its batches
                     self.sampler.set_epoch(max(s.epoch - 1, 0))
                     scores = self.evaluate()
+                    self.check_finite(scores)
                 self.settle(scores)
                 self.save_checkpoint()
         return s
