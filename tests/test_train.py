@@ -244,10 +244,32 @@ def test_a_diverging_run_stops_with_a_clear_message(shapes_dir, tmp_path, capsys
     """A learning rate far too high: the run stops with exit code 1 and says what to change,
     before weights that answer NaN can be kept (and then exported)."""
     out = tmp_path / "run"
-    code = run_train("--data", shapes_dir, "--out", out, "--epochs", "3", "--workers", "0", "--lr", "1e30", *TINY_MODEL)
-    err = capsys.readouterr().err
-    assert code == 1 and "training diverged" in err and "--lr" in err, err[-2000:]
+    code = run_train("--data", shapes_dir, "--out", out, "--epochs", "1", "--workers", "0", "--lr", "1e30", *TINY_MODEL)
+    err = capsys.readouterr().err  # one epoch of 3 steps: fewer than the skipped steps that stop a run
+    assert code == 1 and "training diverged by epoch 1" in err and "--lr (this run's is 1e+30)" in err, err[-2000:]
     assert not (out / "model.safetensors").exists()
+
+
+def test_weights_whose_validation_loss_is_not_finite_are_never_kept(tmp_path):
+    """select skips a candidate (here the averaged weights) whose validation loss is NaN, even
+    though its accuracy looks best; check_finite stops the run when the raw weights' loss is."""
+    from torch.utils.data import TensorDataset
+
+    from vit.engine import Diverged
+
+    arch = dict(image_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64)
+    x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trainer = bare_trainer(ViT(ViTConfig(**arch)), TensorDataset(x, y), tmp_path)
+    right = torch.ones(8, dtype=torch.bool)
+    scores = {"raw": dict(loss=1.0, acc=0.5, correct=~right), "ema": dict(loss=math.nan, acc=1.0, correct=right)}
+    trainer.check_finite(scores)  # the raw weights are fine
+    assert trainer.select(scores) and trainer.state.best_weights == "raw" and trainer.state.best_acc == 0.5
+    with pytest.raises(Diverged, match="by epoch 1: its weights"):
+        trainer.check_finite({**scores, "raw": dict(loss=math.inf, acc=0.5, correct=~right)})
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = math.inf
+    with pytest.raises(Diverged):
+        trainer.check_finite(scores)
 
 
 def test_eval_on_another_folder(shapes_dir, tmp_path, capsys):
@@ -911,8 +933,10 @@ def test_a_run_saved_before_the_stem_depth_setting_still_resumes_evaluates_and_e
     assert (
         cfg["model"].pop("stem_depth") == 1 and cfg["train"].pop("stem_depth") == 1 and cfg["model"]["stem"] == "conv"
     )
+    del cfg["result"]  # as if stopped before its report: the resume builds the model and writes it
     (out / "config.json").write_text(json.dumps(cfg))
     assert run_train("--resume", out, "--stem-depth", "1", "--workers", "0") == 0
+    assert "result" in json.loads((out / "config.json").read_text())
     assert run_train("--resume", out, "--stem-depth", "2") == 2
     assert run_train("--eval", out, "--data", shapes_dir, "--out", tmp_path / "eval") == 0
     export_run(out, tmp_path / "old.onnx")

@@ -613,19 +613,21 @@ class Trainer:
         return out
 
     def check_finite(self, scores: dict) -> None:
-        """Raise ``Diverged`` when the raw weights' validation loss is not a finite number on some
-        rank: steps with finite gradients can still have moved the weights out of range (a
+        """Raise ``Diverged`` when the raw weights, or their validation loss, are not finite numbers
+        on some rank: steps with finite gradients can still have moved the weights out of range (a
         learning rate far too high), and no such weights may be kept."""
-        bad = not math.isfinite(scores["raw"]["loss"])
+        bad = not math.isfinite(scores["raw"]["loss"]) or not all(
+            torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()
+        )  # a BatchNorm variance of inf, say, can still give a finite loss
         if self.d.world > 1:  # each rank's BatchNorm statistics are its own: agree on it
             t = torch.tensor([float(bad)], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             bad = bool(t.item())
         if bad:
             raise Diverged(
-                f"training diverged by epoch {self.state.epoch + 1}: its weights give a validation loss that is "
-                f"not a finite number. Train again in a new --out with a lower --lr (this run's is "
-                f"{self.cfg.lr:g}){self.or_clip()}"
+                f"training diverged by epoch {min(self.state.epoch + 1, self.state.total_epochs)}: its weights "
+                f"(or their validation loss) are not finite numbers. Train again in a new --out with a lower "
+                f"--lr (this run's is {self.cfg.lr:g}){self.or_clip()}"
             )
 
     def select(self, scores: dict) -> bool:
