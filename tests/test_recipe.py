@@ -165,6 +165,24 @@ def test_stochastic_depth_where_runs_are_long(images, native, device, drop_path)
     assert scratch_recipe(images, native, device)["drop_path"] == drop_path
 
 
+@pytest.mark.parametrize(
+    "images, native, device, budget, sam",
+    [
+        (1200, 8, "cpu", None, 0.1),  # the CPU's default budget, 8 minutes
+        (1200, 8, "cpu", 10, 0.1),
+        (1200, 8, "cpu", 2, 0.0),  # a short budget: plain steps do as well
+        (200, 8, "cpu", 10, 0.0),  # tiny data: SAM lost there
+        (1200, 32, "cpu", 10, 0.0),  # not glyph-sized: not measured, off
+        (20_000, 8, "cpu", 10, 0.0),
+        (1200, 8, "cuda", None, 0.0),
+    ],
+)
+def test_sharpness_aware_steps_for_glyph_sized_data_in_a_long_cpu_budget(images, native, device, budget, sam):
+    """SAM where more plain epochs stopped helping (a thousand or more glyph-sized images in 5
+    minutes or more of a CPU), and nowhere else."""
+    assert scratch_recipe(images, native, device, budget)["sam"] == sam
+
+
 def answers(right: int, n: int = 200, shift: int = 0) -> torch.Tensor:
     """Per-image correctness: ``right`` of ``n`` right, the wrong ones starting at ``shift``."""
     c = torch.ones(n, dtype=torch.bool)

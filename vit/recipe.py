@@ -19,6 +19,7 @@ GLYPH_SIDE = 16  # images this small are taken for glyphs: no flip, no strong au
 SHORT_BUDGET = 4.0  # minutes: on a CPU, a budget this short gets a coarser token grid (input_size_for)
 CPU_BUDGET = 8.0  # minutes: a from-scratch run's default time budget on a CPU
 SMALL_DATA = 5_000  # fewer training images than this get the small model (model_for)
+SAM_IMAGES, SAM_BUDGET = 1_000, 5.0  # glyph-sized data with this many images, and minutes: SAM
 GLYPH_GRID = (16, 2)  # (input, patch) for small data of 12 px or less: an 8x8 token grid
 # The small model narrowed for that grid (4 times the tokens of 8 px in 2 px patches): its
 # file takes 1.44x the 4x4 grid's time at batch 1 on a CPU with AVX-512, 1.83-1.96x on one with
@@ -156,11 +157,13 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         dropout=0.0,
         clip_grad=1.0,
         # Sharpness-aware minimisation costs a second forward and backward pass a step, so it
-        # halves the epochs. On the digits (5 splits) it was level with plain steps in 2 minutes
-        # and 0.27 ahead in 5 (benchmarks/learning_dig*screen_sam*_cpu.json); at 10 digits a
-        # class in 1 minute it lost 1.5 points (learning_intel_sam10_tiny10_cpu.json). Opt-in
-        # (--sam 0.1) until when to turn it on is measured on the other data sets too.
-        sam=0.0,
+        # halves the epochs. Glyph-sized data of a thousand images or more gain nothing from
+        # more plain epochs past a couple of minutes on a CPU (the digits scored 98.74 in 10
+        # minutes against 99.04-99.11 in 2 on the same splits), and there SAM spends the time
+        # better: level in 2 minutes, +0.27 in 5 (5 splits), +0.82 in 10 (every split of 3;
+        # benchmarks/learning_dig*screen_sam*_cpu.json, learning_dig10_*_cpu.json). On 100-200
+        # images in 1 minute it lost 1.2-1.5 points (learning_intel_sam10_tiny*_cpu.json).
+        sam=0.1 if short and glyphs and SAM_IMAGES <= num_images < SMALL_DATA and (budget or 0) >= SAM_BUDGET else 0.0,
         ema=True,
         layer_decay=None,
         interpolation="bicubic",
