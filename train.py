@@ -160,6 +160,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
         # an explicit --epochs is a request for that many epochs
         values.update(time_budget=None, time_budget_note="off: --epochs was given without --time-budget")
+        if "sam" not in flags and not args.pretrained:
+            values["sam"] = 0.0  # the recipe's SAM is for a long time budget (vit.recipe.SAM_BUDGET)
     if values.get("time_budget") == 0:
         values["time_budget"] = None
     if values.get("time_budget") and "epochs" not in flags and not args.pretrained:

@@ -171,6 +171,12 @@ def test_stochastic_depth_where_runs_are_long(images, native, device, drop_path)
         (1200, 8, "cpu", None, 0.1),  # the CPU's default budget, 8 minutes
         (1200, 8, "cpu", 10, 0.1),
         (1200, 8, "cpu", 2, 0.0),  # a short budget: plain steps do as well
+        (1200, 8, "cpu", 0, 0.0),  # no budget (--time-budget 0)
+        (1000, 8, "cpu", 5, 0.1),
+        (999, 8, "cpu", 5, 0.0),
+        (4999, 8, "cpu", 5, 0.1),
+        (5000, 8, "cpu", 5, 0.0),
+        (1200, 8, "cpu", 4.9, 0.0),
         (200, 8, "cpu", 10, 0.0),  # tiny data: SAM lost there
         (1200, 32, "cpu", 10, 0.0),  # not glyph-sized: not measured, off
         (20_000, 8, "cpu", 10, 0.0),
@@ -391,3 +397,20 @@ def test_loader_processes_follow_the_cores(shapes_dir, tmp_path, monkeypatch, cp
     args = ["--data", shapes_dir, "--out", out, "--epochs", "1", "--device", "cpu", *TINY_MODEL]
     assert train.main([str(a) for a in args]) == 0
     assert json.loads((out / "config.json").read_text())["train"]["workers"] == workers
+
+
+def test_the_recipes_sam_follows_the_budget_the_run_gets(tmp_path):
+    """A thousand glyph-sized training images: SAM with a time budget of 5 minutes or more, and
+    none when --epochs without --time-budget turns the budget off (the default budget of 8
+    minutes is then not the run's)."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(600):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    common = ["--data", tmp_path / "data", "--epochs", "1", "--workers", "0", *TINY_MODEL]
+    sams = []
+    for out, extra in (("plain", []), ("budget", ["--time-budget", "5"])):
+        assert train.main([str(a) for a in [*common, "--out", tmp_path / out, *extra]]) == 0
+        sams.append(json.loads((tmp_path / out / "config.json").read_text())["train"]["sam"])
+    assert sams == [0.0, 0.1]

@@ -71,8 +71,8 @@ class TrainConfig:
     clip_grad: float | None = setting("gradient norm clipping (0: off)")
     sam: float | None = setting(
         "sharpness-aware minimisation radius rho (0: off; Foret et al. 2021): each step takes its gradient at "
-        "weights moved rho along the first gradient, so a step costs about two; the recipe sets 0.1 for 1,000-5,000 "
-        "glyph-sized images in a CPU budget of 5 minutes or more (+0.82 on the digits in 10; see the README)"
+        "weights moved rho along the first gradient, so a step costs about two; the recipe sets 0.1 for 1,000-4,999 "
+        "glyph-sized training images in a CPU budget of 5 minutes or more (+0.82 on the digits in 10; see the README)"
     )
     ema: bool | None = setting("keep an exponential moving average of the weights")
     ema_decay: float | None = setting("decay of the weights' EMA (default: from the run's length)")

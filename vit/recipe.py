@@ -148,7 +148,7 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         cutmix=0.0,
         erase=0.0 if glyphs or short else 0.25,
         # A few thousand glyph-sized images train for hundreds of epochs in a CPU budget (digits
-        # at 8 px: 115-172 in 5 minutes) and fit their training images: stochastic depth is the
+        # at 8 px: 115-172 plain epochs in 5 minutes) and fit their training images: stochastic depth is the
         # regulariser that paid there, +0.4 on digits at 5 minutes (better on every split) and
         # +0.7 and +0.8 at 10 and 20 images a class in 1 minute (better on 3 and 2 of 3 splits;
         # benchmarks/learning_5min_droppath_digits_cpu.json, learning_1min_droppath_cpu.json).
@@ -159,10 +159,10 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         # Sharpness-aware minimisation costs a second forward and backward pass a step, so it
         # halves the epochs. Glyph-sized data of a thousand images or more gain nothing from
         # more plain epochs past a couple of minutes on a CPU (the digits scored 98.74 in 10
-        # minutes against 99.04-99.11 in 2 on the same splits), and there SAM spends the time
+        # minutes against 99.04 in 2 and in 5 on the same splits), and there SAM spends the time
         # better: level in 2 minutes, +0.27 in 5 (5 splits), +0.82 in 10 (every split of 3;
         # benchmarks/learning_dig*screen_sam*_cpu.json, learning_dig10_*_cpu.json). On 100-200
-        # images in 1 minute it lost 1.2-1.5 points (learning_intel_sam10_tiny*_cpu.json).
+        # images in 1 minute it lost 1.2-1.6 points (learning_intel_sam10_tiny*_cpu.json).
         sam=0.1 if short and glyphs and SAM_IMAGES <= num_images < SMALL_DATA and (budget or 0) >= SAM_BUDGET else 0.0,
         ema=True,
         layer_decay=None,
