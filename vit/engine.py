@@ -470,8 +470,7 @@ class Trainer:
         DDP every rank moves the same way, since g is already averaged over the ranks."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         with torch.no_grad():
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-            scale = self.cfg.sam / (norm + 1e-12)
+            scale = self.cfg.sam / (nn.utils.get_total_norm([p.grad for p in params]) + 1e-12)
             original = [p.detach().clone() for p in params]
             for p in params:
                 p.add_(p.grad * scale.to(p.dtype))
@@ -484,8 +483,7 @@ class Trainer:
             with torch.no_grad():
                 for p, w in zip(params, original):
                     p.copy_(w)
-                for b, v in zip(self.model.buffers(), buffers):
-                    b.copy_(v)
+            self.restore(buffers)
 
     def first_estimate(self) -> None:
         """The run's first length, from its first six steps (the time budget)."""
