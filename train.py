@@ -112,14 +112,17 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     from vit.model import ViTConfig
 
     n_train = len(train_items)
+    flags = given(args)
+    # an explicit --epochs without --time-budget is a request for that many epochs: the recipe
+    # is the one for a run without a budget (no SAM, which is for long budgets)
+    epochs_only = "epochs" in flags and "time_budget" not in flags
     if args.pretrained:
         partial = recipe.finetune_recipe(n_train, preprocessing)
     else:
-        partial = recipe.scratch_recipe(n_train, scan.native_side(), device, args.time_budget)
+        partial = recipe.scratch_recipe(n_train, scan.native_side(), device, 0 if epochs_only else args.time_budget)
     if args.model:
         preset = ViTConfig.preset(args.model)  # one parser of "S/16" for the whole project
         partial.update({k: getattr(preset, k) for k in ("dim", "depth", "heads", "mlp_dim", "patch_size")})
-    flags = given(args)
     chosen_size = "image_size" in flags and flags["image_size"] != partial.get("image_size")
     if chosen_size and "patch_size" not in flags and not args.pretrained and not args.model:
         size = flags["image_size"]  # the patch follows the size chosen, not the images' own
@@ -157,11 +160,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         values.update({k: flags.get(k, v) for k, v in model.items()})
     if values.get("stem") != "conv" and "stem_depth" not in flags:
         values["stem_depth"] = None  # the recipe's conv stem depth; --stem patch has none
-    if "epochs" in flags and "time_budget" not in flags and values.get("time_budget"):
-        # an explicit --epochs is a request for that many epochs
-        values.update(time_budget=None, time_budget_note="off: --epochs was given without --time-budget")
-        if "sam" not in flags and not args.pretrained:
-            values["sam"] = 0.0  # the recipe's SAM is for a long time budget (vit.recipe.SAM_BUDGET)
+    if epochs_only and not args.pretrained and recipe.default_budget(device):
+        values["time_budget_note"] = "off: --epochs was given without --time-budget"
     if values.get("time_budget") == 0:
         values["time_budget"] = None
     if values.get("time_budget") and "epochs" not in flags and not args.pretrained:

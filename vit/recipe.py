@@ -100,10 +100,15 @@ def model_for_input(num_images: int, native_side: int, image_size: int, patch: i
     return model_for(num_images)
 
 
+def default_budget(device: str) -> float | None:
+    """A from-scratch run's time budget in minutes when none is given: ``CPU_BUDGET`` on a CPU."""
+    return CPU_BUDGET if device == "cpu" else None
+
+
 def scratch_recipe(num_images: int, native_side: int, device: str, budget: float | None = None) -> dict:
     """Defaults for training from scratch (DeiT-style recipe, scaled to the data); ``budget``:
     the time budget the user gave, in minutes (0: none), else the device's default."""
-    budget = budget if budget is not None else CPU_BUDGET if device == "cpu" else None
+    budget = budget if budget is not None else default_budget(device)
     image_size, patch = input_size_for(native_side, device, budget, num_images)
     model = model_for_input(num_images, native_side, image_size, patch)
     epochs = int(min(300, max(30, 100_000 // max(num_images, 1))))
@@ -162,7 +167,8 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         # minutes against 99.04 in 2 and in 5 on the same splits), and there SAM spends the time
         # better: level in 2 minutes, +0.27 in 5 (5 splits), +0.82 in 10 (every split of 3;
         # benchmarks/learning_dig*screen_sam*_cpu.json, learning_dig10_*_cpu.json). On 100-200
-        # images in 1 minute it lost 1.2-1.6 points (learning_intel_sam10_tiny*_cpu.json).
+        # images in 1 minute it lost 1.2-1.6 points (learning_intel_sam10_tiny*_cpu.json), and
+        # on 200 in 5 minutes it was level (learning_tiny20_5min_sam10_cpu.json).
         sam=0.1 if short and glyphs and SAM_IMAGES <= num_images < SMALL_DATA and (budget or 0) >= SAM_BUDGET else 0.0,
         ema=True,
         layer_decay=None,
