@@ -165,7 +165,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     if values.get("time_budget") == 0:
         values["time_budget"] = None
     if values.get("time_budget") and "epochs" not in flags and not args.pretrained:
-        values["epochs"] = recipe.BUDGET_MAX_EPOCHS  # from scratch, the budget decides the length
+        values["epochs"] = recipe.BUDGET_MAX_EPOCHS  # from scratch, the budget decides the length,
+        values["epochs_note"] = recipe.CAP_NOTE  # up to the recipe's cap
     if "hflip" not in flags and values["hflip"] > 0:
         check = recipe.mirror_check(*scan.thumbnails(train_items), seed=values.get("seed") or 0)
         if check.hurts:
@@ -381,7 +382,7 @@ def train(args) -> int:
         if d.main:
             describe_scan(scan, split)
         train_ds, val_ds, test_ds = make_datasets(scan, split, cfg, model.config)
-        budget = TimeBudget(cfg.time_budget * 60, cfg.epochs) if cfg.time_budget else None
+        budget = TimeBudget(cfg.time_budget * 60, cfg.epochs, cap_note=cfg.epochs_note) if cfg.time_budget else None
         trainer = Trainer(model, cfg, train_ds, val_ds, run.path, device, d, budget, t_start, say)
         trainer.weights_metadata = dict(  # a copied weights file still says what it is
             vit_config=json.dumps(model.config.to_dict()),
@@ -450,7 +451,8 @@ def unspent_reason(budget, state, elapsed: float) -> str | None:
     if not budget.unspent(elapsed):
         return None
     if state.total_epochs >= budget.max_epochs:
-        return f"it reached its cap of {budget.max_epochs} epochs (--epochs N with --time-budget sets another)"
+        why = f"{budget.cap_note}; " if budget.cap_note else ""
+        return f"it reached its cap of {budget.max_epochs} epochs ({why}--epochs N with --time-budget sets another)"
     if budget.held:
         return (
             f"its epochs sped up after the half-way point by less than the {budget.LATE_GROWTH:.0%} that "

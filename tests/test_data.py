@@ -214,6 +214,22 @@ def test_a_large_duplicate_group_cannot_fill_validation(tmp_path):
         assert not any("dup" in r for r in val_a)
 
 
+def test_classes_made_only_of_copies_are_refused_before_training(tmp_path):
+    """Copies stay on one side of the split, so a folder whose every class is one image copied
+    leaves validation empty: refused at the split, saying what to do, not when the first
+    validation pass finds nothing to score. One class with a different image is enough."""
+    root = tmp_path / "copies"
+    for cls, colour in (("a", "black"), ("b", "white")):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.new("L", (8, 8), colour).save(root / cls / f"{i}.png")
+    with pytest.raises(DataError, match="in every class the images are copies of one another .2 different images"):
+        split_train_val(scan_folder(root))
+    Image.new("L", (8, 8), "grey").save(root / "b" / "other.png")
+    train, val, _, notes = split_train_val(scan_folder(root))
+    assert len(val) == 1 and len(train) == 16 and any("class 'a'" in n for n in notes)
+
+
 def test_max_pixels_can_raise_the_limit_above_pils_default(tmp_path, monkeypatch):
     """Item 14: PIL's own module-wide limit no longer decides when a larger one is asked for."""
     from PIL import Image as PILImage

@@ -430,7 +430,8 @@ def test_time_budget_fits_the_whole_schedule_into_it(shapes_dir, tmp_path, capsy
     t = json.loads((out / "config.json").read_text())["train"]
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert t["epochs"] == BUDGET_MAX_EPOCHS and 1 <= t["epochs_fitted"] < 1000 and len(rows) == t["epochs_fitted"]
+    assert t["epochs"] == BUDGET_MAX_EPOCHS and 1 <= t["epochs_fitted"] < BUDGET_MAX_EPOCHS
+    assert len(rows) == t["epochs_fitted"]
     assert float(rows[-1]["lr"]) < 0.3 * 0.001  # the cosine ran (nearly) to its end
     assert "Time budget 0.1 min" in capsys.readouterr().out
     seconds = [float(r["seconds"]) for r in rows]
@@ -682,6 +683,41 @@ def test_an_unspent_budget_is_explained():
     assert "sped up after the half-way point by less than the 20%" in said
     b = TimeBudget(seconds=60, max_epochs=1000, epoch_seconds=[25.0])
     assert unspent_reason(b, SimpleNamespace(total_epochs=1), 40.0) is None  # 20 s left: no room for a 25 s epoch
+    b = TimeBudget(seconds=300, max_epochs=300, epoch_seconds=[0.4] * 6, cap_note="the recipe's: why")
+    said = budget_use(b, SimpleNamespace(total_epochs=300), 130.0)  # the recipe's cap says why it is there
+    assert said.endswith("its cap of 300 epochs (the recipe's: why; --epochs N with --time-budget sets another)")
+
+
+def test_the_recipes_epoch_cap_is_said_where_it_ends_a_run_early(tmp_path, capsys, monkeypatch):
+    """Tiny data fills a budget with hundreds of epochs, and past the recipe's cap they did not
+    pay (vit.recipe.BUDGET_MAX_EPOCHS, lowered here so the test is quick): a budgeted run from
+    scratch stops there, says so at the start with the reason, and a cap of one's own (--epochs
+    with --time-budget) has no reason given for it."""
+    from PIL import Image
+
+    from vit import recipe
+    from vit.recipe import CAP_NOTE
+
+    cap = 4
+    monkeypatch.setattr(recipe, "BUDGET_MAX_EPOCHS", cap)
+
+    data = tmp_path / "tiny data"
+    for c in range(2):
+        (data / f"class {c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("L", (8, 8), abs(255 * c - 3 * i)).save(data / f"class {c}" / f"{i}.png")
+    model = ["--dim", "16", "--depth", "1", "--heads", "1", "--mlp-dim", "16", "--workers", "0", "--batch-size", "16"]
+    out = tmp_path / "run"
+    assert run_train("--data", data, "--out", out, "--time-budget", "1", *model) == 0
+    t = json.loads((out / "config.json").read_text())["train"]
+    said = capsys.readouterr().out
+    assert t["epochs"] == t["epochs_fitted"] == cap == len(metrics(out)) and t["epochs_note"] == CAP_NOTE
+    assert f"{cap} is the cap ({CAP_NOTE}), so the run should end after about" in said
+    assert f"its cap of {cap} epochs ({CAP_NOTE}; --epochs N" in said
+    assert run_train("--data", data, "--out", tmp_path / "own", "--time-budget", "1", "--epochs", "3", *model) == 0
+    t = json.loads((tmp_path / "own" / "config.json").read_text())["train"]
+    assert t["epochs"] == 3 and t["epochs_note"] is None
+    assert "3 is the cap, so the run should end" in capsys.readouterr().out
 
 
 def test_time_budget_says_news_not_every_refit():
@@ -856,7 +892,7 @@ def test_the_command_line_is_generated_from_the_typed_config():
         TrainConfig.from_dict({"learning_rate": 0.1})
     assert TrainConfig.from_dict({"learning_rate": 0.1}, saved=True) == TrainConfig()
     derived = {f.name for f in fields(TrainConfig)} - {f.name for f in flag_fields()}
-    notes = {"time_budget_note", "hflip_note"}
+    notes = {"time_budget_note", "hflip_note", "epochs_note"}
     assert derived == {"device", "pretrained", "data", "ema_decay_auto", "epochs_fitted", *notes}
 
 

@@ -16,6 +16,7 @@ class TimeBudget:
     max_epochs: int  # never more than this, however much time is left
     epoch_seconds: list[float] = field(default_factory=list)  # measured whole epochs, validation included
     held: bool = False  # the last refit kept a shorter length than fits (the late-growth rule)
+    cap_note: str | None = None  # why max_epochs is what it is, when the recipe chose it
 
     @staticmethod
     def epoch_guess(step_seconds: float, steps_per_epoch: int, val_share: float) -> float:

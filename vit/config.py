@@ -100,6 +100,7 @@ class TrainConfig:
     data: str | None = derived()  # the data folder, resolved
     ema_decay_auto: bool = derived(False)  # the EMA's horizon follows the run's length
     epochs_fitted: int | None = derived()  # the length the time budget chose
+    epochs_note: str | None = derived()  # why the epochs cap a budgeted run is what it is, when the recipe chose it
     time_budget_note: str | None = derived()  # why the budget is off, when it is
     hflip_note: str | None = derived()  # what the mirror check found (vit.recipe.MirrorCheck)
 
@@ -150,7 +151,7 @@ class TrainConfig:
 
     def shown(self) -> str:
         """The settings, one line, as printed at the start of a run."""
-        hidden = {"data", "time_budget_note", "hflip_note", "ema_decay_auto", "epochs_fitted", "model"}
+        hidden = {"data", "time_budget_note", "hflip_note", "ema_decay_auto", "epochs_fitted", "epochs_note", "model"}
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         if self.time_budget:  # the budget fits the length, and the EMA follows it
             shown["epochs"] = f"fitted to the budget (at most {self.epochs})"

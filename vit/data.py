@@ -372,6 +372,11 @@ def split_train_val(scan: FolderScan, val_fraction: float = 0.15, seed: int = 0)
         train = list(scan.train)
     else:
         train, val = _split_groups(by_hash, val_fraction, seed, notes, scan.classes)
+        if not val:
+            raise DataError(
+                f"no image can be held out for validation: in every class the images are copies of one another "
+                f"({len(by_hash)} different images in all); add different images of each class, or give a val/ folder"
+            )
         dups = sum(len(g) - 1 for g in by_hash.values())
         if dups:
             notes.append(f"{dups} duplicate files (identical content) kept on one side of the split")

@@ -309,8 +309,9 @@ class Trainer:
             capped = ""
             ends = time.perf_counter() - self.started + (epochs - s.epoch) * per_epoch
             if epochs == self.budget.max_epochs and ends < 0.9 * self.budget.seconds:
+                why = f" ({self.budget.cap_note})" if self.budget.cap_note else ""
                 capped = (
-                    f"; {epochs} is the cap, so the run should end after about {ends / 60:.1f} min "
+                    f"; {epochs} is the cap{why}, so the run should end after about {ends / 60:.1f} min "
                     "(--epochs N with --time-budget sets a longer cap)"
                 )
             self.log(
