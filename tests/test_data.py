@@ -215,19 +215,26 @@ def test_a_large_duplicate_group_cannot_fill_validation(tmp_path):
 
 
 def test_classes_made_only_of_copies_are_refused_before_training(tmp_path):
-    """Copies stay on one side of the split, so a folder whose every class is one image copied
-    leaves validation empty: refused at the split, saying what to do, not when the first
-    validation pass finds nothing to score. One class with a different image is enough."""
+    """Copies stay on one side of the split, so a folder whose every class is one image copied,
+    or whose copies come in groups too large for the validation share, leaves validation empty:
+    refused at the split, saying what to do, not when the first validation pass finds nothing
+    to score. One class with a different image is enough."""
     root = tmp_path / "copies"
     for cls, colour in (("a", "black"), ("b", "white")):
         (root / cls).mkdir(parents=True)
         for i in range(8):
             Image.new("L", (8, 8), colour).save(root / cls / f"{i}.png")
-    with pytest.raises(DataError, match="in every class the images are copies of one another .2 different images"):
+    with pytest.raises(DataError, match=r"in every class the images are copies of one image \(2 different images"):
         split_train_val(scan_folder(root))
-    Image.new("L", (8, 8), "grey").save(root / "b" / "other.png")
+    for cls, colour in (("a", "grey"), ("b", "red")):  # a second group of copies in each class: too large
+        for i in range(8):  # for the default share, not for half
+            Image.new("RGB", (8, 8), colour).save(root / cls / f"second {i}.png")
+    with pytest.raises(DataError, match=r"groups too large for its validation share \(--val-fraction 0.15; 4 diff"):
+        split_train_val(scan_folder(root))
+    assert len(split_train_val(scan_folder(root), val_fraction=0.5).val) == 16
+    Image.new("L", (8, 8), 50).save(root / "b" / "other.png")
     train, val, _, notes = split_train_val(scan_folder(root))
-    assert len(val) == 1 and len(train) == 16 and any("class 'a'" in n for n in notes)
+    assert len(val) == 1 and len(train) == 32 and any("class 'a'" in n for n in notes)
 
 
 def test_max_pixels_can_raise_the_limit_above_pils_default(tmp_path, monkeypatch):

@@ -48,7 +48,9 @@ class TrainConfig:
         "a stride-1 one after each (learns faster from scratch, see the README)"
     )
     # ----- schedule -------------------------------------------------------------------------
-    epochs: int | None = setting("epochs; given without --time-budget, it turns the time budget off")
+    epochs: int | None = setting(
+        "epochs; given without --time-budget, it turns the time budget off; with it, the most epochs the budget may fit"
+    )
     time_budget: float | None = setting("minutes: fit the number of epochs to this wall-clock budget (0: off)")
     batch_size: int | None = setting("images per optimizer step per process (before accumulation)")
     lr: float | None = setting("peak learning rate")

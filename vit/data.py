@@ -373,10 +373,7 @@ def split_train_val(scan: FolderScan, val_fraction: float = 0.15, seed: int = 0)
     else:
         train, val = _split_groups(by_hash, val_fraction, seed, notes, scan.classes)
         if not val:
-            raise DataError(
-                f"no image can be held out for validation: in every class the images are copies of one another "
-                f"({len(by_hash)} different images in all); add different images of each class, or give a val/ folder"
-            )
+            raise DataError(_no_validation(by_hash, val_fraction))
         dups = sum(len(g) - 1 for g in by_hash.values())
         if dups:
             notes.append(f"{dups} duplicate files (identical content) kept on one side of the split")
@@ -390,6 +387,23 @@ def split_train_val(scan: FolderScan, val_fraction: float = 0.15, seed: int = 0)
             raise DataError("every test image is a copy of a training image: the test set would be empty")
         test = kept
     return Split(sorted(train), sorted(val), sorted(test), notes)
+
+
+def _no_validation(by_hash: dict, val_fraction: float) -> str:
+    """Why no image could be held out (copies stay on one side of the split), and what to do."""
+    distinct = len(by_hash)
+    images = f"{distinct} different image{'s' if distinct != 1 else ''} in all"
+    per_class = Counter(g[0][1] for g in by_hash.values())
+    if max(per_class.values()) == 1:
+        return (
+            f"no image can be held out for validation: in every class the images are copies of one image ({images}); "
+            "add different images of each class, or give a val/ folder"
+        )
+    return (
+        f"no image can be held out for validation: each class's images are copies in groups too large for its "
+        f"validation share (--val-fraction {val_fraction:g}; {images}); raise --val-fraction, add different images, "
+        "or give a val/ folder"
+    )
 
 
 def _split_groups(by_hash: dict, val_fraction: float, seed: int, notes: list, classes: list) -> tuple[list, list]:
