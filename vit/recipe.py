@@ -16,15 +16,15 @@ import torch
 # many epochs: DeiT's length, and the longest the recipe gives a run without a budget. Only
 # small data reaches it on a CPU (about 400 glyph-sized training images or fewer in the default
 # 8 minutes), and there more epochs did not pay: at 10 digits a class a 1,000-epoch run scored
-# 93.85 against 95.18 for 300 (behind on every split) and 95.26 for 150; at 20 a class the whole
-# 8 minutes (734-761 epochs) 97.33 against 97.04 for 300, within the spread, no trend from 87
-# epochs up (3 splits; benchmarks/learning_tiny*_8min_*_cpu.json, learning_tiny*_5min_*_cpu.json,
-# learning_ens_base_tiny*_cpu.json).
-# A run that reaches it ends early, and says why (CAP_NOTE).
+# 93.85 (one run a split, another day) against 95.18 for 300 (behind on every split) and 95.26
+# for 150; at 20 a class the whole 8 minutes (734-761 epochs) 97.33 against 97.04 for 300,
+# within the spread, no trend from 87 epochs up (3 splits; benchmarks/learning_tiny*_8min_*_cpu.json,
+# learning_tiny*_5min_*_cpu.json, learning_ens_base_tiny*_cpu.json). A run that reaches it ends
+# early, and says why (CAP_NOTE).
 BUDGET_MAX_EPOCHS = 300
 CAP_NOTE = (
-    "set by the recipe, DeiT's length: with a few hundred images, more epochs scored no higher in the README's "
-    "tiny-data runs"
+    "set by the recipe, DeiT's length: with a few hundred images, more epochs scored no higher beyond the spread "
+    "in the README's tiny-data runs"
 )
 GLYPH_SIDE = 16  # images this small are taken for glyphs: no flip, no strong augmentation
 SHORT_BUDGET = 4.0  # minutes: on a CPU, a budget this short gets a coarser token grid (input_size_for)
