@@ -533,6 +533,8 @@ def finish_run(run, run_config: dict, trainer, state, datasets, classes: list[st
     scores = report.write_report(
         run.path, classes, probs.numpy(), labels.numpy(), val_ds.load, metrics_csv=run / run.METRICS,
         title="Validation report",
+        # under mixup or cutmix the training curves score blended images against one of their labels
+        train_label="train (mixed images)" if trainer.cfg.mixup or trainer.cfg.cutmix else "train",
     )  # fmt: skip
     result = dict(
         best_epoch=state.best_epoch,

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import train
 from tests.conftest import TINY_MODEL
 from vit.data import THUMB, thumbnail
-from vit.recipe import input_size_for, mirror_check, model_for_input, patch_for, scratch_recipe
+from vit.recipe import MIXUP_IMAGES, input_size_for, mirror_check, model_for_input, patch_for, scratch_recipe
 
 
 def hook(rng: np.random.Generator, size: int = 32) -> Image.Image:
@@ -187,6 +187,26 @@ def test_sharpness_aware_steps_for_glyph_sized_data_in_a_long_cpu_budget(images,
     """SAM where more plain epochs stopped helping (a thousand or more glyph-sized images in 5
     minutes or more of a CPU), and nowhere else."""
     assert scratch_recipe(images, native, device, budget)["sam"] == sam
+
+
+@pytest.mark.parametrize(
+    "images, native, device, mixup",
+    [
+        (85, 8, "cpu", 0.8),  # ten digits a class, less the validation images
+        (170, 8, "cpu", 0.8),
+        (170, 16, "cpu", 0.8),
+        (170, 8, "cuda", 0.8),  # the same 300 epochs on a GPU
+        (MIXUP_IMAGES - 1, 8, "cpu", 0.8),
+        (MIXUP_IMAGES, 8, "cpu", 0.0),  # more images: SAM's, or too few epochs to need it
+        (1500, 8, "cpu", 0.0),
+        (170, 32, "cpu", 0.0),  # not glyph-sized: not measured, off
+    ],
+)
+def test_mixup_for_tiny_glyph_sized_data(images, native, device, mixup):
+    """Tiny glyph-sized data, which trains its whole schedule in a few minutes and fits its
+    images long before the end, gets mixup; larger data and larger images do not."""
+    assert scratch_recipe(images, native, device)["mixup"] == mixup
+    assert scratch_recipe(images, native, device)["cutmix"] == 0.0
 
 
 def answers(right: int, n: int = 200, shift: int = 0) -> torch.Tensor:

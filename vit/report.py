@@ -81,17 +81,18 @@ def _save_fig(fig, path: Path) -> None:
     _plt().close(fig)
 
 
-def plot_curves(metrics_csv: Path, out: Path) -> None:
+def plot_curves(metrics_csv: Path, out: Path, train_label: str = "train") -> None:
+    """Loss and accuracy by epoch; ``train_label`` names the training curves (their images may be mixed)."""
     rows = list(csv.DictReader(metrics_csv.open()))
     if not rows:
         return
     plt = _plt()
     ep = [int(r["epoch"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(ep, [float(r["train_loss"]) for r in rows], label="train")
+    a.plot(ep, [float(r["train_loss"]) for r in rows], label=train_label)
     a.plot(ep, [float(r["val_loss"]) for r in rows], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="Loss")
-    b.plot(ep, [float(r["train_acc"]) for r in rows], label="train")
+    b.plot(ep, [float(r["train_acc"]) for r in rows], label=train_label)
     b.plot(ep, [float(r["val_acc"]) for r in rows], label="validation")
     if rows[0].get("ema_val_acc"):
         b.plot(ep, [float(r["ema_val_acc"]) for r in rows], label="validation (EMA)", linestyle="--")
@@ -155,6 +156,7 @@ def write_report(
     metrics_csv: Path | None = None,
     title: str = "Validation report",
     worst: int = 16,
+    train_label: str = "train",
 ) -> dict:
     """Write report.md, report.json and the PNGs into ``out_dir``; return the scores.
 
@@ -176,7 +178,7 @@ def write_report(
         out_dir / "mistakes.png",
     )
     if metrics_csv is not None and metrics_csv.exists():
-        plot_curves(metrics_csv, out_dir / "curves.png")
+        plot_curves(metrics_csv, out_dir / "curves.png", train_label)
 
     lines = [
         f"# {title}",
