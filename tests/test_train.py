@@ -137,7 +137,7 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_weights(tmp_path):
                 stem_depth=2, class_token=False, pool="avg", fc_norm=True)  # fmt: skip
     model = ViT(ViTConfig(**arch))  # no dropout, no stochastic depth: both passes are deterministic
     x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    trainer = bare_trainer(model, TensorDataset(x, y), tmp_path, sam=0.5, clip_grad=0.0)
+    trainer = bare_trainer(model, TensorDataset(x, y), tmp_path, sam=0.5, clip_grad=0.0, mixup=0.0)  # x as it is
     cfg = trainer.cfg
     reference = copy.deepcopy(model)
 
@@ -441,7 +441,9 @@ def test_time_budget_fits_the_whole_schedule_into_it(shapes_dir, tmp_path, capsy
     assert sum(seconds) <= budget_min * 60 + max(seconds), seconds  # kept: at most one epoch over
 
 
-DDP_ARGS = ["--epochs", "2", "--workers", "0", "--stem", "patch", *TINY_MODEL]  # no BatchNorm: per-rank stats
+# no BatchNorm (per-rank statistics) and no mixup (each rank blends the images of its own half
+# of the batch): the two ranks then compute what one process does with the whole batch
+DDP_ARGS = ["--epochs", "2", "--workers", "0", "--stem", "patch", "--mixup", "0", *TINY_MODEL]
 DDP_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

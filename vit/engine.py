@@ -376,10 +376,13 @@ class Trainer:
 
     def train_step(self, batches) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (learning rate, seconds
-        waited for data). Its randomness (dropout, mixup) is seeded by (seed, rank, epoch, step)."""
+        waited for data). Its randomness (dropout, stochastic depth, mixup) is seeded by (seed,
+        rank, epoch, step, micro-batch), after the micro-batch is loaded: loading in this process
+        (``--workers 0``) seeds the CPU generator per image, so a seed drawn before it would leave
+        the step's draws to the last image's seed, and a run resumed with another ``--workers``
+        would differ."""
         s, cfg = self.state, self.cfg
         lr = self.set_lr()
-        torch.manual_seed(sample_seed(cfg.seed + 7 * self.d.rank, s.epoch, 10**7 + s.step_in_epoch))
         wait = 0.0
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's micro-batches, for SAM's second pass
         sums = dict(loss=0.0, correct=0.0, seen=0.0)  # counted only if the step is taken
@@ -393,6 +396,9 @@ class Trainer:
                 except StopIteration:
                     break
                 wait += time.perf_counter() - tw
+                torch.manual_seed(
+                    sample_seed(cfg.seed + 7 * self.d.rank, s.epoch, 10**7 + s.step_in_epoch * cfg.grad_accum + micro)
+                )
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if self.ema_stem is not None:
                     self.recent.append(x)
