@@ -190,23 +190,27 @@ def test_sharpness_aware_steps_for_glyph_sized_data_in_a_long_cpu_budget(images,
 
 
 @pytest.mark.parametrize(
-    "images, native, device, mixup",
+    "images, native, device, budget, mixup",
     [
-        (85, 8, "cpu", 0.8),  # ten digits a class, less the validation images
-        (170, 8, "cpu", 0.8),
-        (170, 16, "cpu", 0.8),
-        (170, 8, "cuda", 0.8),  # the same 300 epochs on a GPU
-        (MIXUP_IMAGES - 1, 8, "cpu", 0.8),
-        (MIXUP_IMAGES, 8, "cpu", 0.0),  # more images: SAM's, or too few epochs to need it
-        (1500, 8, "cpu", 0.0),
-        (170, 32, "cpu", 0.0),  # not glyph-sized: not measured, off
+        (85, 8, "cpu", None, 0.8),  # ten digits a class, less the validation images; the default 8 minutes
+        (170, 8, "cpu", None, 0.8),
+        (170, 16, "cpu", None, 0.8),
+        (170, 8, "cpu", 10, 0.8),
+        (170, 8, "cpu", 0, 0.8),  # no budget: the recipe's whole 300 epochs
+        (170, 8, "cuda", None, 0.8),  # the same 300 epochs on a GPU
+        (170, 8, "cpu", 2, 0.0),  # a budget shorter than the one measured
+        (MIXUP_IMAGES - 1, 8, "cpu", None, 0.8),
+        (MIXUP_IMAGES, 8, "cpu", None, 0.0),  # more images: not measured up to SAM's 1,000, off
+        (1500, 8, "cpu", None, 0.0),
+        (170, 32, "cpu", None, 0.0),  # not glyph-sized: not measured, off
     ],
 )
-def test_mixup_for_tiny_glyph_sized_data(images, native, device, mixup):
-    """Tiny glyph-sized data, which trains its whole schedule in a few minutes and fits its
-    images long before the end, gets mixup; larger data and larger images do not."""
-    assert scratch_recipe(images, native, device)["mixup"] == mixup
-    assert scratch_recipe(images, native, device)["cutmix"] == 0.0
+def test_mixup_for_tiny_glyph_sized_data_given_the_whole_schedule(images, native, device, budget, mixup):
+    """Tiny glyph-sized data, which trains the recipe's whole schedule in the budget and fits
+    its images long before the end, gets mixup; shorter budgets, larger data and larger images
+    do not."""
+    recipe = scratch_recipe(images, native, device, budget)
+    assert (recipe["mixup"], recipe["cutmix"]) == (mixup, 0.0)
 
 
 def answers(right: int, n: int = 200, shift: int = 0) -> torch.Tensor:

@@ -191,6 +191,38 @@ def test_gradient_accumulation_syncs_on_the_last_micro_batch_of_a_short_last_ste
     assert trainer.steps_per_epoch == 3 and lasts == [False, True, False, True, True]
 
 
+def test_a_steps_random_draws_do_not_depend_on_how_its_images_were_loaded(tmp_path):
+    """Mixup's and stochastic depth's draws are seeded by (seed, rank, epoch, step, micro-batch)
+    after each micro-batch is loaded: loading in this process (--workers 0) seeds the CPU
+    generator per image, which must change neither them nor, so, a run resumed with other
+    --workers. Two loaders that leave the generator in different states give one gradient."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    arch = dict(image_size=16, patch_size=4, num_classes=3, dim=32, depth=2, heads=2, mlp_dim=64, drop_path=0.5)
+    x, y = torch.randn(16, 3, 16, 16), torch.arange(16) % 3
+    weights = ViT(ViTConfig(**arch)).state_dict()
+
+    def gradient(loader_seed: int, mixup: float) -> list[torch.Tensor]:
+        model = ViT(ViTConfig(**arch))
+        model.load_state_dict(weights)
+        trainer = bare_trainer(model, TensorDataset(x, y), tmp_path, mixup=mixup, batch_size=8, grad_accum=2)
+        grads = []
+        trainer.opt.step = lambda: grads.extend(p.grad.clone() for p in model.parameters())
+
+        def batches():  # two micro-batches, each loaded as --workers 0 loads them
+            for i in range(2):
+                torch.manual_seed(loader_seed + i)
+                yield x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+
+        trainer.train_step(batches())
+        return grads
+
+    one, other = gradient(1, 0.8), gradient(2, 0.8)
+    assert all(torch.equal(a, b) for a, b in zip(one, other, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(one, gradient(1, 0.0), strict=True))  # mixup drew
+
+
 def test_a_step_whose_gradient_is_not_finite_is_skipped_and_a_run_of_them_stops_training(tmp_path):
     """One NaN in a step's loss leaves the weights, the averaged weights, BatchNorm's statistics
     and the epoch's loss as they were (the step is skipped and counted), the next finite step

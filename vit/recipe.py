@@ -26,12 +26,12 @@ CAP_NOTE = (
     "set by the recipe, DeiT's length: with a few hundred images, more epochs scored no higher beyond the spread "
     "in the README's tiny-data runs"
 )
-GLYPH_SIDE = 16  # images this small are taken for glyphs: no flip, no strong augmentation
+GLYPH_SIDE = 16  # images this small are taken for glyphs: no flip, no strong augmentation (tiny data: mixup)
 SHORT_BUDGET = 4.0  # minutes: on a CPU, a budget this short gets a coarser token grid (input_size_for)
 CPU_BUDGET = 8.0  # minutes: a from-scratch run's default time budget on a CPU
 SMALL_DATA = 5_000  # fewer training images than this get the small model (model_for)
 SAM_IMAGES, SAM_BUDGET = 1_000, 5.0  # glyph-sized data with this many images, and minutes: SAM
-MIXUP_IMAGES = 500  # glyph-sized data with fewer training images than this: mixup (scratch_recipe)
+MIXUP_IMAGES, MIXUP_BUDGET = 500, CPU_BUDGET  # glyph-sized data with fewer training images, and minutes: mixup
 GLYPH_GRID = (16, 2)  # (input, patch) for small data of 12 px or less: an 8x8 token grid
 # The small model narrowed for that grid (4 times the tokens of 8 px in 2 px patches): its
 # file takes 1.44x the 4x4 grid's time at batch 1 on a CPU with AVX-512, 1.83-1.96x on one with
@@ -127,8 +127,9 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
     # Images of 16 px or less are mostly glyphs (digits, letters, icons): a mirror image or a
     # tight crop of one is often another class, so those augmentations are left out.
     glyphs = native_side <= GLYPH_SIDE
-    # On a CPU the run is fitted to minutes, a few dozen epochs at most: too short for strong
-    # augmentation and regularisation to pay off (DeiT's recipe assumes hundreds of epochs).
+    # On a CPU the run is fitted to minutes, a few dozen epochs of a few thousand images: too short for
+    # strong augmentation and regularisation to pay off (DeiT's recipe assumes hundreds of epochs);
+    # tiny glyph-sized data, which trains hundreds, gets mixup (below).
     # Measured on 3,000 shapes at 32 px: 57% with light augmentation against 33% with
     # TrivialAugment, erasing and stochastic depth in the same time (an earlier benchmarks/learning.py).
     short = device == "cpu"
@@ -161,14 +162,16 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         augment="none" if glyphs or short else "trivial",  # at <= 16 px its ops destroy the glyph
         scale_min=0.75 if glyphs else 0.6 if short else 0.35,
         hflip=0.0 if glyphs else 0.5,
-        # Tiny glyph-sized data (Teachable Machine's ten to fifty images a class) trains its 300
-        # epochs within the CPU's default budget and fits its few images long before the end:
-        # mixup (Zhang et al. 2018; alpha 0.8, DeiT's) blends pairs of images and their labels,
-        # which no glyph-preserving augmentation does. Digits in 8 minutes, against 300 epochs
-        # without it: +0.81 at 10 a class and +0.69 at 20 (9 splits, ahead on 7 at each), +0.22
-        # at 50 (3 splits, within the spread; benchmarks/learning_tiny*_8min_{cap300,mix08}*_cpu.json).
-        # Not measured from 500 to 1,000 images (where SAM starts) nor on larger images: off.
-        mixup=0.8 if glyphs and num_images < MIXUP_IMAGES else 0.0,
+        # Tiny glyph-sized data (Teachable Machine's ten to fifty images a class) trains the
+        # recipe's whole 300 epochs within the CPU's default budget (nearly all of it at fifty a
+        # class) and fits its few images long before the end: mixup (Zhang et al. 2018; alpha
+        # 0.8, DeiT's) blends pairs of images and their labels, which no glyph-preserving
+        # augmentation does. 8 px digits in 8 minutes, against 300 epochs without it: +0.81 at
+        # 10 a class and +0.69 at 20 (9 splits, ahead on 7 at each), +0.22 at 50 (3 splits,
+        # within the spread; benchmarks/learning_tiny*_8min_{cap300,mix08}*_cpu.json). Only where
+        # the run gets that schedule: no budget, or one of MIXUP_BUDGET minutes or more; shorter
+        # budgets, 500 to 1,000 images (where SAM starts) and larger images were not measured.
+        mixup=0.8 if glyphs and num_images < MIXUP_IMAGES and (not budget or budget >= MIXUP_BUDGET) else 0.0,
         cutmix=0.0,
         erase=0.0 if glyphs or short else 0.25,
         # A few thousand glyph-sized images train for hundreds of epochs in a CPU budget (digits
