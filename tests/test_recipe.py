@@ -199,6 +199,8 @@ def test_sharpness_aware_steps_for_glyph_sized_data_in_a_long_cpu_budget(images,
         (170, 8, "cpu", 0, 0.8),  # no budget: the recipe's whole 300 epochs
         (170, 8, "cuda", None, 0.8),  # the same 300 epochs on a GPU
         (170, 8, "cpu", 2, 0.0),  # a budget shorter than the one measured
+        (170, 8, "cpu", 7.9, 0.0),
+        (170, 8, "cuda", 2, 0.0),
         (MIXUP_IMAGES - 1, 8, "cpu", None, 0.8),
         (MIXUP_IMAGES, 8, "cpu", None, 0.0),  # more images: not measured up to SAM's 1,000, off
         (1500, 8, "cpu", None, 0.0),

@@ -66,7 +66,8 @@ class TrainConfig:
     scale_min: float | None = setting("smallest area fraction of the random resized crop")
     hflip: float | None = setting("horizontal flip probability (0 for text, digits, arrows ...)")
     mixup: float | None = setting(
-        "mixup alpha (0: off); the recipe sets 0.8 for fewer than 500 glyph-sized training images with no time "
+        "mixup alpha (0: off); training from scratch, the recipe sets 0.8 for fewer than 500 glyph-sized training "
+        "images with no time "
         "budget or one of 8 minutes or more (+0.7 to +0.8 at 10 and 20 digits a class; see the README)"
     )
     cutmix: float | None = setting("cutmix alpha (0: off)")
