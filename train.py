@@ -167,6 +167,9 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     if values.get("time_budget") and "epochs" not in flags and not args.pretrained:
         values["epochs"] = recipe.BUDGET_MAX_EPOCHS  # from scratch, the budget decides the length,
         values["epochs_note"] = recipe.CAP_NOTE  # up to the recipe's cap
+    if "mixup" not in flags and not args.pretrained:
+        budget = 0 if epochs_only else args.time_budget
+        values["mixup_note"] = recipe.mixup_note(n_train, scan.native_side(), device, budget)
     if "hflip" not in flags and values["hflip"] > 0:
         check = recipe.mirror_check(*scan.thumbnails(train_items), seed=values.get("seed") or 0)
         if check.hurts:
@@ -504,6 +507,8 @@ def describe_start(model, cfg, device, world: int) -> None:
         log(f"Time budget: {cfg.time_budget_note or 'off'}")
     if cfg.hflip_note:
         log(f"Horizontal flip: {cfg.hflip_note} (--hflip sets it)")
+    if cfg.mixup_note:
+        log(f"Mixup: {cfg.mixup_note} (--mixup sets it)")
 
 
 def little_data_note(train_items: list, classes: list[str], enough: int = 50) -> str | None:

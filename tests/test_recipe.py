@@ -440,3 +440,27 @@ def test_the_recipes_sam_follows_the_budget_the_run_gets(tmp_path):
         assert train.main([str(a) for a in [*common, "--out", tmp_path / out, *extra]]) == 0
         sams.append(json.loads((tmp_path / out / "config.json").read_text())["train"]["sam"])
     assert sams == [0.0, 0.1]
+
+
+def test_the_recipes_mixup_is_said_with_its_reason_and_its_scores_are_named(tmp_path, capsys):
+    """Tiny glyph-sized data: the run says why mixup is on (no budget: the whole schedule) or off
+    (a budget shorter than the one measured), names the epoch lines' training scores as mixed
+    when it is on, and says nothing of it when --mixup is given."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    common = ["--data", tmp_path / "data", "--epochs", "1", "--workers", "0", *TINY_MODEL]
+    seen = {}
+    for out, extra in (("plain", []), ("short", ["--time-budget", "2"]), ("given", ["--mixup", "0.5"])):
+        assert train.main([str(a) for a in [*common, "--out", tmp_path / out, *extra]]) == 0
+        t = json.loads((tmp_path / out / "config.json").read_text())["train"]
+        seen[out] = (t["mixup"], t["mixup_note"], capsys.readouterr().out)
+    mixup, note, said = seen["plain"]
+    assert mixup == 0.8 and note.startswith("on (0.8)") and f"Mixup: {note} (--mixup sets it)" in said
+    assert "mixed_loss" in said and "mixed_acc" in said
+    mixup, note, said = seen["short"]
+    assert mixup == 0.0 and note.startswith("off:") and "Mixup: off" in said and "mixed_acc" not in said
+    mixup, note, said = seen["given"]
+    assert mixup == 0.5 and note is None and "Mixup:" not in said and "mixed_acc" in said

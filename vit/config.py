@@ -51,7 +51,10 @@ class TrainConfig:
     epochs: int | None = setting(
         "epochs; given without --time-budget, it turns the time budget off; with it, the most epochs the budget may fit"
     )
-    time_budget: float | None = setting("minutes: fit the number of epochs to this wall-clock budget (0: off)")
+    time_budget: float | None = setting(
+        "minutes: fit the number of epochs to this wall-clock budget (0: off; from scratch on a CPU the default is "
+        "8, and the recipe's grid, SAM and mixup follow it)"
+    )
     batch_size: int | None = setting("images per optimizer step per process (before accumulation)")
     lr: float | None = setting("peak learning rate")
     min_lr_ratio: float | None = setting("final learning rate as a fraction of the peak")
@@ -68,7 +71,7 @@ class TrainConfig:
     mixup: float | None = setting(
         "mixup alpha (0: off); training from scratch, the recipe sets 0.8 for fewer than 500 glyph-sized training "
         "images with no time "
-        "budget or one of 8 minutes or more (+0.7 to +0.8 at 10 and 20 digits a class; see the README)"
+        "budget or one of 8 minutes or more (+0.7 to +0.8 points at 10 and 20 digits a class; see the README)"
     )
     cutmix: float | None = setting("cutmix alpha (0: off)")
     erase: float | None = setting("random erasing probability")
@@ -109,6 +112,7 @@ class TrainConfig:
     epochs_note: str | None = derived()  # why the epochs cap a budgeted run is what it is, when the recipe chose it
     time_budget_note: str | None = derived()  # why the budget is off, when it is
     hflip_note: str | None = derived()  # what the mirror check found (vit.recipe.MirrorCheck)
+    mixup_note: str | None = derived()  # why the recipe turned mixup on or off, for tiny glyph-sized data
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +161,16 @@ class TrainConfig:
 
     def shown(self) -> str:
         """The settings, one line, as printed at the start of a run."""
-        hidden = {"data", "time_budget_note", "hflip_note", "ema_decay_auto", "epochs_fitted", "epochs_note", "model"}
+        hidden = {
+            "data",
+            "time_budget_note",
+            "hflip_note",
+            "ema_decay_auto",
+            "epochs_fitted",
+            "epochs_note",
+            "mixup_note",
+            "model",
+        }
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         if self.time_budget:  # the budget fits the length, and the EMA follows it
             shown["epochs"] = f"fitted to the budget (at most {self.epochs})"

@@ -697,9 +697,10 @@ class Trainer:
         if not self.d.main:
             return
         report.append_metrics(self.run_dir / RunDir.METRICS, row)
+        mixed = "mixed_" if self.mix is not None else ""  # the training scores are on blended images
         self.log(
-            f"epoch {row['epoch']:>3}/{self.state.total_epochs}  loss {row['train_loss']:.4f}  "
-            f"acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}"
+            f"epoch {row['epoch']:>3}/{self.state.total_epochs}  {mixed}loss {row['train_loss']:.4f}  "
+            f"{mixed}acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.3f}"
             + (f"  ema_val_acc {row['ema_val_acc']:.3f}" if row["ema_val_acc"] != "" else "")
             + f"  {row['images_per_s']:.0f} img/s  data wait {row['data_wait']:.0%}"
             + ("  *best" if improved else "")

@@ -92,7 +92,9 @@ def plot_curves(metrics_csv: Path, out: Path, train_label: str = "train") -> Non
     a.plot(ep, [float(r["train_loss"]) for r in rows], label=train_label)
     a.plot(ep, [float(r["val_loss"]) for r in rows], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="Loss")
-    b.plot(ep, [float(r["train_acc"]) for r in rows], label=train_label)
+    # mixed images' accuracy jumps from batch to batch: drawn faint, so validation stays readable
+    faint = dict(alpha=0.35, linewidth=0.8) if train_label != "train" else {}
+    b.plot(ep, [float(r["train_acc"]) for r in rows], label=train_label, **faint)
     b.plot(ep, [float(r["val_acc"]) for r in rows], label="validation")
     if rows[0].get("ema_val_acc"):
         b.plot(ep, [float(r["ema_val_acc"]) for r in rows], label="validation (EMA)", linestyle="--")
