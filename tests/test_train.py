@@ -930,7 +930,7 @@ def test_the_command_line_is_generated_from_the_typed_config():
         TrainConfig.from_dict({"learning_rate": 0.1})
     assert TrainConfig.from_dict({"learning_rate": 0.1}, saved=True) == TrainConfig()
     derived = {f.name for f in fields(TrainConfig)} - {f.name for f in flag_fields()}
-    notes = {"time_budget_note", "hflip_note", "epochs_note"}
+    notes = {"time_budget_note", "hflip_note", "epochs_note", "mixup_note"}
     assert derived == {"device", "pretrained", "data", "ema_decay_auto", "epochs_fitted", *notes}
 
 
