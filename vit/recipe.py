@@ -168,8 +168,8 @@ def scratch_recipe(num_images: int, native_side: int, device: str, budget: float
         # 0.8, DeiT's) blends pairs of images and their labels, which no glyph-preserving
         # augmentation does. 8 px digits in 8 minutes, against 300 epochs without it: +0.81 at
         # 10 a class and +0.69 at 20 (9 splits, ahead on 7 at each), +0.22 at 50 (3 splits,
-        # within the spread; benchmarks/learning_tiny*_8min_{cap300,mix08}*_cpu.json). Only where
-        # the run gets that schedule: no budget, or one of MIXUP_BUDGET minutes or more; shorter
+        # within the spread; benchmarks/learning_tiny*_8min_{cap300,mix08}*_cpu.json). Only with no
+        # budget or one of MIXUP_BUDGET minutes or more, the budget it was measured in; shorter
         # budgets, 500 to 1,000 images (where SAM starts) and larger images were not measured.
         mixup=0.8 if glyphs and num_images < MIXUP_IMAGES and (not budget or budget >= MIXUP_BUDGET) else 0.0,
         cutmix=0.0,
