@@ -116,10 +116,11 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     # an explicit --epochs without --time-budget is a request for that many epochs: the recipe
     # is the one for a run without a budget (no SAM, which is for long budgets)
     epochs_only = "epochs" in flags and "time_budget" not in flags
+    recipe_budget = 0 if epochs_only else args.time_budget  # what the scratch recipe's rules are given
     if args.pretrained:
         partial = recipe.finetune_recipe(n_train, preprocessing)
     else:
-        partial = recipe.scratch_recipe(n_train, scan.native_side(), device, 0 if epochs_only else args.time_budget)
+        partial = recipe.scratch_recipe(n_train, scan.native_side(), device, recipe_budget)
     if args.model:
         preset = ViTConfig.preset(args.model)  # one parser of "S/16" for the whole project
         partial.update({k: getattr(preset, k) for k in ("dim", "depth", "heads", "mlp_dim", "patch_size")})
@@ -168,8 +169,7 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         values["epochs"] = recipe.BUDGET_MAX_EPOCHS  # from scratch, the budget decides the length,
         values["epochs_note"] = recipe.CAP_NOTE  # up to the recipe's cap
     if "mixup" not in flags and not args.pretrained:
-        budget = 0 if epochs_only else args.time_budget
-        values["mixup_note"] = recipe.mixup_note(n_train, scan.native_side(), device, budget)
+        values["mixup_note"] = recipe.mixup_note(n_train, scan.native_side(), device, recipe_budget)
     if "hflip" not in flags and values["hflip"] > 0:
         check = recipe.mirror_check(*scan.thumbnails(train_items), seed=values.get("seed") or 0)
         if check.hurts:

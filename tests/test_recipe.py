@@ -88,6 +88,12 @@ def write_folder(root, classes: dict[str, list[Image.Image]]) -> None:
             im.save(root / name / f"{i:03d}.png")
 
 
+def noise_glyphs(per_class: int) -> dict[str, list[Image.Image]]:
+    """Two classes of random 8 px images: glyph-sized data of a chosen size, for the recipe's rules."""
+    rng = np.random.default_rng(0)
+    return {c: [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(per_class)] for c in "ab"}
+
+
 @pytest.mark.parametrize("given", [None, "0.5"])
 def test_train_leaves_the_flip_out_for_mirror_image_classes_unless_told(tmp_path, capsys, given):
     data, out = tmp_path / "data", tmp_path / "run"
@@ -429,11 +435,7 @@ def test_the_recipes_sam_follows_the_budget_the_run_gets(tmp_path):
     """A thousand glyph-sized training images: SAM with a time budget of 5 minutes or more, and
     none when --epochs without --time-budget turns the budget off (the default budget of 8
     minutes is then not the run's)."""
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(600):
-            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    write_folder(tmp_path / "data", noise_glyphs(600))
     common = ["--data", tmp_path / "data", "--epochs", "1", "--workers", "0", *TINY_MODEL]
     sams = []
     for out, extra in (("plain", []), ("budget", ["--time-budget", "5"])):
@@ -446,11 +448,7 @@ def test_the_recipes_mixup_is_said_with_its_reason_and_its_scores_are_named(tmp_
     """Tiny glyph-sized data: the run says why mixup is on (no budget: the whole schedule) or off
     (a budget shorter than the one measured), names the epoch lines' training scores as mixed
     when it is on, and says nothing of it when --mixup is given."""
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(20):
-            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    write_folder(tmp_path / "data", noise_glyphs(20))
     common = ["--data", tmp_path / "data", "--epochs", "1", "--workers", "0", *TINY_MODEL]
     seen = {}
     for out, extra in (("plain", []), ("short", ["--time-budget", "2"]), ("given", ["--mixup", "0.5"])):
