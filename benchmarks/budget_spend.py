@@ -4,6 +4,7 @@
     python benchmarks/learning.py --only digits --budget 5 --seeds 3 --methods vit --keep --work W
     python benchmarks/budget_spend.py --work W                            # views, latency: a minute
     python benchmarks/budget_spend.py --work W --members 2 --budget 5     # + 2 members of 2.5 min each
+    python benchmarks/budget_spend.py --work W --members 2 --each 8 --kept-first  # + a second 8-min run
 
 For each kept split (W/<data>-<seed>/data with its test/ folder, W/<data>-<seed>/vit-run):
   views     the kept model's test accuracy when its logits are averaged over shifted copies
@@ -11,7 +12,9 @@ For each kept split (W/<data>-<seed>/data with its test/ folder, W/<data>-<seed>
             4 copies moved by s px left, right, up and down ("cross"), or 2 copies moved
             along a diagonal ("diagonal"), for s of 1/4, 1/2 and 1 px of the native image;
   members   K train.py runs on the same training folder with seeds S, S+100, ..., each with
-            BUDGET / K minutes, and the test accuracy of their mean logits;
+            BUDGET / K minutes (or --each), and the test accuracy of their mean logits; with
+            --kept-first the kept run is member 0 (a run that ends at its epoch cap with most
+            of its budget left, as on tiny data, leaves room for more members);
   latency   onnxruntime's time for 1 image against V images in one batch (2 threads), of a
             logits-only graph of the first split's model (no attention map, no score): what V
             views cost, not the exported file's own latency; medians of 15 rounds of 40 calls.
@@ -107,18 +110,20 @@ def views(split: Path) -> dict[str, float]:
     return out
 
 
-def members(split: Path, seed: int, budget: float, k: int) -> dict:
-    """K train.py runs of budget / K minutes on the split's training folder; their mean logits on test."""
+def members(split: Path, seed: int, budget: float, k: int, each: float | None = None, kept_first: bool = False) -> dict:
+    """K train.py runs of budget / K minutes (``each``: of that many) on the split's training
+    folder; their mean logits on test. ``kept_first``: the kept run is member 0 (seed S)."""
     import torch
 
+    each = each or budget / k
     logits, singles, epochs = [], [], []
     for i in range(k):
-        run = split / f"member{i}-of-{k}-{budget:g}min"
+        run = split / f"member{i}-of-{k}-{budget:g}min" if not (kept_first and i == 0) else split / "vit-run"
         done = (run / "config.json").exists() and "result" in json.loads((run / "config.json").read_text())
         if not done:  # a member that did not finish is trained again
             shutil.rmtree(run, ignore_errors=True)
             cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(split / "data"), "--out", str(run)]
-            cmd += ["--time-budget", f"{budget / k:g}", "--seed", str(seed + 100 * i)]
+            cmd += ["--time-budget", f"{each:g}", "--seed", str(seed + 100 * i)]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if res.returncode:
                 raise SystemExit(f"train.py failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True, help="learning.py --keep's --work folder")
     p.add_argument("--members", type=int, default=0, help="also train an ensemble of this many members")
     p.add_argument("--budget", type=float, default=5.0, help="minutes the members share (default 5)")
+    p.add_argument("--each", type=float, help="minutes each member gets (default: --budget / --members)")
+    p.add_argument("--kept-first", action="store_true", help="the kept run (seed S) is member 0, not retrained")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "budget_spend_cpu.json")
     a = p.parse_args(argv)
     from vit.bench import command_line, machine
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = int(split.name.rsplit("-", 1)[1])
         row = dict(views=views(split))
         if a.members:
-            row.update(members(split, seed, a.budget, a.members))
+            row.update(members(split, seed, a.budget, a.members, a.each, a.kept_first))
         doc["splits"][split.name] = row
         print(split.name, json.dumps(row), flush=True)
     rows = list(doc["splits"].values())
