@@ -14,7 +14,9 @@ For each kept split (W/<data>-<seed>/data with its test/ folder, W/<data>-<seed>
   members   K train.py runs on the same training folder with seeds S, S+100, ..., each with
             BUDGET / K minutes (or --each), and the test accuracy of their mean logits; with
             --kept-first the kept run is member 0 (a run that ends at its epoch cap with most
-            of its budget left, as on tiny data, leaves room for more members);
+            of its budget left, as on tiny data, leaves room for more members); with --same-split
+            the others train on the kept run's own train/val split (as members of one run
+            would), not on a validation split drawn from their own seed;
   latency   onnxruntime's time for 1 image against V images in one batch (2 threads), of a
             logits-only graph of the first split's model (no attention map, no score): what V
             views cost, not the exported file's own latency; medians of 15 rounds of 40 calls.
@@ -110,19 +112,43 @@ def views(split: Path) -> dict[str, float]:
     return out
 
 
-def members(split: Path, seed: int, budget: float, k: int, each: float | None = None, kept_first: bool = False) -> dict:
+def same_split_folder(split: Path) -> Path:
+    """The kept run's own train/val split as a folder (train/, val/, and the test/ beside them):
+    members trained on it share the kept run's training and validation images, as members of
+    one run would, instead of drawing a validation split of their own from their seed."""
+    out = split / "kept-split"
+    if not (out / "val").is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+        saved = json.loads((split / "vit-run" / "split.json").read_text())
+        for which in ("train", "val"):
+            for rel, _ in saved[which]:
+                src = split / "data" / rel
+                dst = out / which / src.parent.name / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+        shutil.copytree(split / "data" / "test", out / "test")
+    return out
+
+
+def members(
+    split: Path, seed: int, budget: float, k: int, each: float | None = None, kept_first: bool = False,
+    same_split: bool = False,
+) -> dict:  # fmt: skip
     """K train.py runs of budget / K minutes (``each``: of that many) on the split's training
-    folder; their mean logits on test. ``kept_first``: the kept run is member 0 (seed S)."""
+    folder; their mean logits on test. ``kept_first``: the kept run is member 0 (seed S);
+    ``same_split``: the others train on the kept run's own train/val split (same_split_folder)."""
     import torch
 
     each = each or budget / k
+    data = same_split_folder(split) if same_split else split / "data"
+    tag = "-same" if same_split else ""
     logits, singles, epochs = [], [], []
     for i in range(k):
-        run = split / f"member{i}-of-{k}-{budget:g}min" if not (kept_first and i == 0) else split / "vit-run"
+        run = split / f"member{i}-of-{k}-{budget:g}min{tag}" if not (kept_first and i == 0) else split / "vit-run"
         done = (run / "config.json").exists() and "result" in json.loads((run / "config.json").read_text())
         if not done:  # a member that did not finish is trained again
             shutil.rmtree(run, ignore_errors=True)
-            cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(split / "data"), "--out", str(run)]
+            cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--out", str(run)]
             cmd += ["--time-budget", f"{each:g}", "--seed", str(seed + 100 * i)]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if res.returncode:
@@ -174,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=5.0, help="minutes the members share (default 5)")
     p.add_argument("--each", type=float, help="minutes each member gets (default: --budget / --members)")
     p.add_argument("--kept-first", action="store_true", help="the kept run (seed S) is member 0, not retrained")
+    p.add_argument(
+        "--same-split", action="store_true", help="members train on the kept run's train/val split, not their own"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "budget_spend_cpu.json")
     a = p.parse_args(argv)
     from vit.bench import command_line, machine
@@ -187,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = int(split.name.rsplit("-", 1)[1])
         row = dict(views=views(split))
         if a.members:
-            row.update(members(split, seed, a.budget, a.members, a.each, a.kept_first))
+            row.update(members(split, seed, a.budget, a.members, a.each, a.kept_first, a.same_split))
         doc["splits"][split.name] = row
         print(split.name, json.dumps(row), flush=True)
     rows = list(doc["splits"].values())
