@@ -184,6 +184,11 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
         values["mirror_average"] = values["hflip"] > 0
     if values.get("layer_decay") == 1:
         values["layer_decay"] = None
+    if (values.get("members") or 1) > 1 and (args.pretrained or world > 1):
+        raise ValueError(
+            "--members: an ensemble's members start from other seeds, which only a run from scratch on one process "
+            "has; leave --members out with --pretrained or torchrun"
+        )
     values["ema_decay_auto"] = values.get("ema_decay") is None
     if values["ema_decay_auto"]:
         accum = values.get("grad_accum") or TrainConfig().grad_accum
@@ -293,7 +298,7 @@ def resume_run(args, device: str):
     changed = (["--pretrained"] if args.pretrained else []) + changed_on_resume(cfg, given(args))
     if changed:
         raise DataError(f"--resume continues with the run's own settings; drop {', '.join(changed)}")
-    if "result" in saved:  # the last thing a run writes
+    if "result" in saved and not members_to_train(run, cfg):  # the last thing a run writes
         raise Finished(f"{run} finished training: nothing to resume; its report is {run / 'report.md'}")
     cache = planned_cache(args, saved, None, device)
     scan = scan_folder(
@@ -385,13 +390,17 @@ def train(args) -> int:
         if d.main:
             describe_scan(scan, split)
         train_ds, val_ds, test_ds = make_datasets(scan, split, cfg, model.config)
-        budget = TimeBudget(cfg.time_budget * 60, cfg.epochs, cap_note=cfg.epochs_note) if cfg.time_budget else None
-        trainer = Trainer(model, cfg, train_ds, val_ds, run.path, device, d, budget, t_start, say)
-        trainer.weights_metadata = dict(  # a copied weights file still says what it is
-            vit_config=json.dumps(model.config.to_dict()),
-            labels=json.dumps(scan.classes),
-            preprocessing=json.dumps(model_preprocessing(cfg, model.config).to_dict()),
+        share = cfg.members or 1  # members given: they share the budget
+        budget = (
+            TimeBudget(cfg.time_budget * 60 / share, cfg.epochs, cap_note=cfg.epochs_note) if cfg.time_budget else None
         )
+        if resumed and "result" in run.config():  # its first model is done: the ensemble's others are not
+            if d.world > 1:
+                raise ValueError(f"{run}: an ensemble's models train on one process; resume it without torchrun")
+            say(f"{run} trained its first model; continuing its ensemble")
+            return grow_or_stop(run, cfg, run.config(), scan, split, (train_ds, val_ds, test_ds), device, d, None, say)
+        trainer = Trainer(model, cfg, train_ds, val_ds, run.path, device, d, budget, t_start, say)
+        trainer.weights_metadata = weights_metadata(model, scan.classes, cfg)
         run_config = dict(
             model=model.config.to_dict(),
             labels=scan.classes,
@@ -436,6 +445,8 @@ def train(args) -> int:
             log(budget_use(budget, state, time.perf_counter() - t_start))
         if d.main:  # alone now: the report may take longer than a collective's timeout
             finish_run(run, run_config, trainer, state, (val_ds, test_ds), scan.classes, t_start)
+            clock = None if resumed else (t_start, budget, state)  # a resumed run's clock is not the budget's
+            return grow_or_stop(run, cfg, run_config, scan, split, (train_ds, val_ds, test_ds), device, d, clock, say)
         return 0
     finally:
         if d.world > 1 and torch.distributed.is_initialized():  # an error before training ended
@@ -588,18 +599,200 @@ def learned_little(acc: float, labels, num_classes: int, epochs: int, margin: fl
     )
 
 
-def held_out_test(trainer, test_ds, classes: list[str], run_dir: Path) -> dict:
-    """The chosen weights on test/, once, after every choice was made; its own report."""
+def held_out_test(trainer, test_ds, classes: list[str], run_dir: Path, model=None, title: str = "") -> dict:
+    """The chosen weights (``model``: another, such as the ensemble) on test/, once, after every
+    choice was made; its own report."""
     from torch.utils.data import DataLoader
 
     from vit import report
 
     loader = DataLoader(test_ds, batch_size=64, shuffle=False)
-    probs, labels = trainer.predict(trainer.model, loader)
+    probs, labels = trainer.predict(model or trainer.model, loader)
     scores = report.write_report(
-        run_dir / "test", classes, probs.numpy(), labels.numpy(), test_ds.load, title="Held-out test report"
+        run_dir / "test", classes, probs.numpy(), labels.numpy(), test_ds.load, title=title or "Held-out test report"
     )
     return dict(test_acc=round(scores["accuracy"], 4), test_images=scores["n"], test_macro_f1=scores["macro"]["f1"])
+
+
+# --------------------------------------------------------------------------------------
+# An ensemble: members 1, 2 ... trained on the run's split from other seeds, logits averaged
+# --------------------------------------------------------------------------------------
+
+
+def weights_metadata(model, classes: list[str], cfg) -> dict[str, str]:
+    """What a copied weights file still says about itself."""
+    return dict(
+        vit_config=json.dumps(model.config.to_dict()),
+        labels=json.dumps(classes),
+        preprocessing=json.dumps(model_preprocessing(cfg, model.config).to_dict()),
+    )
+
+
+def members_to_train(run, cfg) -> bool:
+    """Whether a finished run's ensemble has members to train or continue."""
+    return run.pending_member() is not None or (cfg.members or 1) > len(run.members())
+
+
+def members_planned(cfg, clock) -> tuple[int, str | None]:
+    """How many models the run's ensemble has, its first included, and why, when the recipe
+    chose more than one. ``clock``: (start, budget, state) of a run that was not resumed."""
+    from vit.recipe import AUTO_MEMBERS, MEMBER_MARGIN
+
+    if cfg.members is not None:
+        return cfg.members, None
+    if clock is None or cfg.pretrained:
+        return 1, None
+    t_start, budget, state = clock
+    took = time.perf_counter() - t_start
+    if budget is None or state.total_epochs < budget.max_epochs or budget.seconds - took < MEMBER_MARGIN * took:
+        return 1, None
+    return AUTO_MEMBERS, (
+        f"the whole schedule ({state.total_epochs} epochs) took {took / 60:.1f} of the {budget.seconds / 60:g} min "
+        "budget, so a second model trains from another seed on the same images in the rest, and the two are "
+        "averaged (--members 1 leaves it out)"
+    )
+
+
+def grow_or_stop(run, *args) -> int:
+    """``grow_ensemble``, and the exit status: a model stopped by a signal or diverged says so
+    as the first model does."""
+    from vit.engine import Diverged, Stop
+
+    try:
+        grow_ensemble(run, *args)
+    except Stop:
+        log(f"\nStopped by signal; checkpoint saved. Continue with: python train.py --resume {run}")
+        return 130
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, clock, say) -> None:
+    """Train (or continue) the run's other members, then write the ensemble's report and result.
+    ``clock``: (start, budget, state) of a run that was not resumed, else None."""
+    import shutil
+
+    from vit.config import TrainConfig
+
+    if d.world > 1:
+        return
+    wanted, why = members_planned(cfg, clock)
+    done, pending = run.members(), run.pending_member()
+    wanted = max(wanted, len(done) + (pending is not None))
+    if wanted == len(done):
+        return
+    if why:
+        log(f"Ensemble: {why}")
+    total = (cfg.time_budget or 0) * 60
+    t_start = clock[0] if clock else None
+    trainer = None
+    for i in range(len(done), wanted):
+        member = run.member(i)
+        resumed = pending is not None and member.path == pending.path and member.is_resumable()
+        if not resumed:
+            shutil.rmtree(member.path, ignore_errors=True)  # one that stopped before its first checkpoint
+            seconds = (total - (time.perf_counter() - t_start)) / (wanted - i) if total and t_start else total / wanted
+            if total and seconds < 0.5 * total / wanted:
+                log(f"Ensemble: {seconds / 60:.1f} min of the budget left, too little for model {i + 1}; it has {i}")
+                break
+            minutes = round(seconds / 60, 2) if total else None
+            mcfg = replace(cfg, seed=cfg.seed + 100 * i, time_budget=minutes, members=1)
+        else:
+            saved = member.config()
+            mcfg = replace(TrainConfig.from_dict(saved["train"], saved=True), device=cfg.device, workers=cfg.workers)
+        trainer = train_member(run, i, wanted, mcfg, run_config, scan, split, device, d, resumed, say)
+    if trainer is not None:
+        finish_ensemble(run, trainer, datasets, scan.classes)
+
+
+def train_member(run, i: int, n: int, mcfg, run_config: dict, scan, split, device, d, resumed, say):
+    """Member ``i`` of ``n``: a whole run in RUN/members/i on the run's split; its trainer."""
+    import torch
+
+    from vit import ViT, ViTConfig
+    from vit.budget import TimeBudget
+    from vit.build import build_model
+    from vit.engine import Trainer
+
+    member, t0 = run.member(i), time.perf_counter()
+    if resumed:
+        config = {k: v for k, v in member.config().items() if k != "result"}
+        model = ViT(ViTConfig.from_dict(config["model"]))
+    else:
+        torch.manual_seed(mcfg.seed)
+        model = build_model(mcfg, scan.classes)
+        config = {**run_config, "model": model.config.to_dict(), "train": mcfg.to_dict()}
+        config.pop("result", None)
+        config.pop("members", None)
+    train_ds, val_ds, test_ds = make_datasets(scan, split, mcfg, model.config)  # augmentation from its own seed
+    budget = TimeBudget(mcfg.time_budget * 60, mcfg.epochs, cap_note=mcfg.epochs_note) if mcfg.time_budget else None
+    trainer = Trainer(model, mcfg, train_ds, val_ds, member.path, device, d, budget, t0, say)
+    trainer.weights_metadata = weights_metadata(model, scan.classes, mcfg)
+    if resumed:
+        trainer.load_checkpoint(member / member.CHECKPOINT)
+        log(f"Model {i + 1} of {n}: resuming {member} at epoch {trainer.state.epoch + 1}")
+    else:
+        write_new_run(member, config, scan, split, mcfg)
+        minutes = f", {mcfg.time_budget:.1f} min of the budget" if mcfg.time_budget else ""
+        log(f"Model {i + 1} of {n}: seed {mcfg.seed}{minutes}, in {member}")
+    state = trainer.fit(resumed)
+    finish_run(member, config, trainer, state, (val_ds, test_ds), scan.classes, t0)
+    return trainer
+
+
+def finish_ensemble(run, trainer, datasets, classes: list[str]) -> None:
+    """The finished members' averaged logits on validation (and test/): the run's report and
+    result are the ensemble's, and config.json lists its members."""
+    from vit import report
+    from vit.model import Ensemble
+
+    _, val_ds, test_ds = datasets
+    finished, i = [run], 1
+    while run.member(i).is_trained() and "result" in run.member(i).config():  # members 1, 2 ... in order
+        finished.append(run.member(i))
+        i += 1
+    if len(finished) < 2:
+        return
+    config = {**run.config(), "members": [m.path.relative_to(run.path).as_posix() for m in finished[1:]]}
+    model = Ensemble([m.load_one() for m in finished]).to(trainer.device)
+    n = len(finished)
+    probs, labels = trainer.predict(model)
+    scores = report.write_report(
+        run.path, classes, probs.numpy(), labels.numpy(), val_ds.load, metrics_csv=run / run.METRICS,
+        title=f"Validation report: an ensemble of {n} models (the curves are the first model's)",
+        train_label="train (mixed images)" if trainer.cfg.mixup or trainer.cfg.cutmix else "train",
+    )  # fmt: skip
+    saved = run.config()["result"]
+    first = saved.get("first_model", saved)  # an ensemble finished again keeps its first model's own result
+    results = [first] + [m.config()["result"] for m in finished[1:]]
+    result = dict(
+        first,
+        first_model=first,
+        members=n,
+        val_acc=round(scores["accuracy"], 4),
+        macro_f1=scores["macro"]["f1"],
+        ece=scores["ece"],
+        member_val_acc=[r["val_acc"] for r in results],
+        train_minutes=round(sum(r["train_minutes"] for r in results), 2),  # the models one after another
+    )
+    if test_ds is not None:
+        title = f"Held-out test report: an ensemble of {n} models"
+        result.update(held_out_test(trainer, test_ds, classes, run.path, model, title))
+        result["member_test_acc"] = [r.get("test_acc") for r in results]
+    run.write_config({**config, "result": result})
+    log(
+        f"Ensemble of {n} models: validation accuracy {result['val_acc']:.2%} (the models alone: "
+        + ", ".join(f"{a:.2%}" for a in result["member_val_acc"])
+        + f"); report in {run / 'report.md'}"
+    )
+    if test_ds is not None:
+        log(
+            f"Held-out test accuracy {result['test_acc']:.2%} on {result['test_images']} images (the models alone: "
+            + ", ".join(f"{a:.2%}" for a in result["member_test_acc"])
+            + f"); report in {run / 'test' / 'report.md'}"
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import nn
 
 from vit import files
 from vit.imageio import Preprocessing
-from vit.model import ViT, mean_of_views, with_mirrors
+from vit.model import ViT, mean_of_views, members_of, with_mirrors
 from vit.report import expected_calibration_error
 from vit.run import RunDir
 from vit.runtime import softmax
@@ -62,14 +62,24 @@ class Exportable(nn.Module):
         self.model, self.attention, self.ood = model.eval(), attention, ood
 
     def forward(self, pixel_values: torch.Tensor):
-        m, taps = self.model, ([] if self.ood is not None else None)
-        mirrored = m.config.mirror_average  # the image and its mirror in one batch, as ViT.forward in eval mode
+        members, taps = members_of(self.model), ([] if self.ood is not None else None)
+        mirrored = self.model.config.mirror_average  # the image and its mirror in one batch, as ViT.forward does
         x = with_mirrors(pixel_values) if mirrored else pixel_values
-        y, attns = m.forward_pooled(x, fused=not self.attention, return_attn=self.attention, taps=taps)
-        logits = m.head(m.fc_norm(y))
+        logits, grids = [], []
+        for k, m in enumerate(members):  # an ensemble: its members' logits and maps averaged, as Ensemble.forward
+            y, attns = m.forward_pooled(
+                x, fused=not self.attention, return_attn=self.attention, taps=taps if k == 0 else None
+            )  # the score reads the first member's tokens, as export.ood fits it
+            logits.append(m.head(m.fc_norm(y)))
+            if self.attention:
+                grids.append(self.rollout(attns))
+        logits = logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
         outs = [mean_of_views(logits) if mirrored else logits]
         if self.attention:
-            grid = self.rollout(attns)
+            grid = grids[0]
+            if len(grids) > 1:
+                grid = torch.stack(grids).mean(0)
+                grid = grid / grid.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
             if mirrored:  # the mirror's map, mirrored back, averaged with the image's
                 a, b = grid.unflatten(0, (2, -1)).unbind(0)
                 grid = a + b.flip(-1)
@@ -81,7 +91,7 @@ class Exportable(nn.Module):
         return tuple(outs) if len(outs) > 1 else outs[0]
 
     def rollout(self, attns: list[torch.Tensor]) -> torch.Tensor:
-        cfg = self.model.config
+        cfg = self.model.config  # an ensemble's members share it
         # Each block's rollout matrix is R = (mean_h A_h + I) / 2; its rows already sum to 1 (softmax
         # rows do), so no renormalisation is needed, and only one row is ever carried down:
         # v R = (mean_h (v A_h) + v) / 2 is h vector-matrix products, never an N x N sum.
@@ -188,10 +198,14 @@ def portable_name(source: str) -> str:
     return Path(source.replace("\\", "/")).name
 
 
-def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
-    """Everything a reader of the file needs, as strings (JSON where structured)."""
+def run_metadata(run: dict, weights: list[Path], attention: bool) -> dict[str, str]:
+    """Everything a reader of the file needs, as strings (JSON where structured). ``weights``:
+    the kept weights' files, an ensemble's members' in order (its hash covers them all)."""
     result = run.get("result", {})
     source = run["train"].get("pretrained")
+    digest = hashlib.sha256()
+    for f in [weights] if isinstance(weights, Path) else weights:
+        digest.update(f.read_bytes())
     return {
         "labels": json.dumps(run["labels"]),
         **Preprocessing.from_dict(run["preprocessing"]).metadata(),
@@ -199,12 +213,21 @@ def run_metadata(run: dict, weights: Path, attention: bool) -> dict[str, str]:
         "initialization": f"fine-tuned from {portable_name(source)}" if source else "trained from scratch",
         "train_images": str(run.get("data", {}).get("train_images", "")),
         "val_accuracy": str(result.get("val_acc", "")),
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "weights_sha256": digest.hexdigest(),
+        "models": str(len(weights) if isinstance(weights, list) else 1),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "attention_output": str(attention).lower(),
         "views": "the image and its mirror, logits averaged"
         if run["model"].get("mirror_average")
         else "the image as given",
+        **(
+            {
+                "ensemble": f"{len(weights)} models of this configuration trained from other seeds on the same images, "
+                "logits averaged; the ood score reads the first"
+            }
+            if isinstance(weights, list) and len(weights) > 1
+            else {}
+        ),  # fmt: skip
         "threshold_rule": "5th percentile of the top probability on correctly classified validation images "
         "(after temperature scaling)",
         "quantization": "none",
@@ -270,7 +293,7 @@ def verify(
         from export.ood import pooled_features
 
         with torch.no_grad():
-            ref = ood(torch.from_numpy(pooled_features(model, x))).numpy()
+            ref = ood(torch.from_numpy(pooled_features(members_of(model)[0], x))).numpy()
         got = np.concatenate(
             [sess.run(["ood_score"], {"pixel_values": x[i : i + 32]})[0] for i in range(0, len(x), 32)]
         )
@@ -286,13 +309,13 @@ def save_proto(proto: onnx.ModelProto, out: Path) -> None:
     files.atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, save_as_external_data=False))
 
 
-def load_run(run_dir: Path) -> tuple[ViT, dict, Path]:
+def load_run(run_dir: Path) -> tuple[ViT, dict, list[Path]]:
     run = RunDir(run_dir)
     if not run.is_trained():
         raise ExportError(
             f"{run_dir} is not a training run: it needs config.json and model.safetensors (made by python train.py)"
         )
-    return run.load_model(), run.config(), run / RunDir.WEIGHTS
+    return run.load_model(), run.config(), run.weight_files()
 
 
 def split_inputs(
@@ -502,6 +525,7 @@ def fit_ood(model: ViT, run_dir: Path, data: Path | None, x_val: np.ndarray, log
     from export.ood import FIT_IMAGES, OODScore, blocks_for, pooled_features
 
     run, cfg = RunDir(run_dir), model.config
+    model = members_of(model)[0]  # an ensemble's score reads its first member (Exportable)
     items = run.items("train", FIT_IMAGES)
     keep = blocks_for(len(items), cfg.depth, cfg.dim)  # what the score can read: the rest is not kept
     feats, labels, read = [], [], InputReader(run, data)

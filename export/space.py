@@ -128,7 +128,8 @@ def model_card(meta: dict, report: dict | None, title: str, where: str = GRADIO_
         "",
         f"- Architecture: ViT ({cfg['depth']} blocks, width {cfg['dim']}, {cfg['heads']} heads, patch "
         f"{cfg['patch_size']}), input {p.image_size[0]}x{p.image_size[1]} px, pooling by {cfg['pool']}"
-        + ("; each prediction averages the image's and its mirror's logits." if cfg.get("mirror_average") else "."),
+        + ("; each prediction averages the image's and its mirror's logits." if cfg.get("mirror_average") else ".")
+        + (f" An ensemble: {meta['ensemble']}." if meta.get("ensemble") else ""),
         f"- Preprocessing (inside the ONNX file's metadata): resize ({p.interpolation}), centre crop "
         f"{p.crop_pct:.3f}, mean {list(p.mean)}, std {list(p.std)}.",
         f"- Weights: {meta.get('initialization', 'not recorded')}"

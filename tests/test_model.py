@@ -240,3 +240,22 @@ def test_a_deeper_conv_stem_adds_stride_1_convolutions_and_keeps_the_first_layer
     x = torch.randn(2, 3, 16, 16)
     assert one.embed(x).shape == two.embed(x).shape == (2, 17, 64)
     assert ViTConfig.from_dict(two.config.to_dict()) == two.config
+
+
+def test_an_ensemble_averages_its_members_logits_and_needs_one_configuration():
+    from vit.model import Ensemble, members_of
+
+    cfg = ViTConfig(image_size=16, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64)
+    torch.manual_seed(0)
+    a, b = ViT(cfg).eval(), ViT(cfg).eval()
+    for m in (a, b):  # the head starts at zero: give each one of its own
+        torch.nn.init.normal_(m.head.weight)
+    both = Ensemble([a, b]).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        want = (a(x) + b(x)) / 2
+        assert torch.allclose(both(x), want, atol=1e-6) and not torch.allclose(a(x), want, atol=1e-3)
+    assert both.config == cfg and members_of(both) == [a, b] and members_of(a) == [a]
+    assert both.num_params() == 2 * a.num_params()
+    with pytest.raises(ValueError, match="one configuration"):
+        Ensemble([a, ViT(dataclasses.replace(cfg, num_classes=4))])

@@ -1069,3 +1069,121 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(run_dir, tmp_path, 
     assert "finished its 8 epochs; writing its report" in capsys.readouterr().out
     again, first = (json.loads(t)["result"] for t in ((run / "config.json").read_text(), before["config.json"]))
     assert {**again, "train_minutes": 0} == {**first, "train_minutes": 0}  # the same weights, scored again
+
+
+def held_out_folder(shapes_dir, tmp_path) -> Path:
+    """The shapes as ROOT/train/ with a ROOT/test/ of fresh ones beside it."""
+    import shutil
+
+    from vit.datasets import make_shapes
+
+    root = tmp_path / "data"
+    shutil.copytree(shapes_dir, root / "train")
+    classes = ("circle", "cross", "square", "triangle")
+    shutil.copytree(make_shapes(tmp_path / "fresh", per_class=3, size=16, seed=7, classes=classes), root / "test")
+    return root
+
+
+def test_a_budget_the_whole_schedule_leaves_unspent_trains_a_second_model_averaged_in(shapes_dir, tmp_path, capsys):
+    """Where the run's whole schedule ended with more of its budget left than it took, a second
+    model trains from another seed on the same split in the rest, and the run's model, report,
+    result and exported file are the two's averaged logits. --members 1 leaves it out."""
+    from export.onnx_export import export_run, ort_logits
+    from vit.model import Ensemble
+    from vit.run import RunDir
+    from vit.runtime import Classifier
+
+    root = held_out_folder(shapes_dir, tmp_path)
+    common = ["--data", root, "--epochs", "2", "--time-budget", "5", "--workers", "0", *TINY_MODEL, "--seed", "3"]
+    out = tmp_path / "run"
+    assert run_train(*common, "--out", out) == 0
+    said = capsys.readouterr().out
+    assert "Ensemble: the whole schedule (2 epochs) took" in said and "--members 1 leaves it out" in said
+    assert "Model 2 of 2: seed 103" in said and "Ensemble of 2 models: validation accuracy" in said
+    run, member = RunDir(out), RunDir(out / "members" / "1")
+    config, own = run.config(), member.config()
+    assert config["members"] == ["members/1"] and own["train"]["seed"] == 103 and "members" not in own
+    assert own["train"]["time_budget"] < 5 and own["model"] == config["model"]
+    same = ("train", "val", "test")  # the same images: the scores of the two and of their mean compare
+    assert {k: run.split()[k] for k in same} == {k: member.split()[k] for k in same}
+    a, b = run.load_one(), member.load_one()
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    model = run.load_model()
+    assert isinstance(model, Ensemble) and len(model.members) == 2
+    x = torch.randn(5, 3, *a.config.image_size)
+    with torch.no_grad():
+        assert torch.allclose(model(x), (a(x) + b(x)) / 2, atol=1e-6)
+
+    result = config["result"]
+    first = result["first_model"]
+    assert result["members"] == 2 and result["member_val_acc"] == [first["val_acc"], own["result"]["val_acc"]]
+    assert result["member_test_acc"] == [first["test_acc"], own["result"]["test_acc"]]
+    assert result["train_minutes"] == pytest.approx(first["train_minutes"] + own["result"]["train_minutes"], abs=0.02)
+
+    onnx_path = tmp_path / "m.onnx"
+    export_run(out, onnx_path)
+    clf = Classifier(onnx_path)
+    assert clf.metadata["models"] == "2" and "2 models" in clf.metadata["ensemble"]
+    tests = run.split()["test"]
+    xs = np.stack([clf.preprocess(root / r) for r, _ in tests])
+    with torch.no_grad():
+        want = model(torch.from_numpy(xs)).numpy()
+    assert np.abs(ort_logits(clf.session, xs) - want).max() < 1e-4  # the file is the two models' mean
+    acc = float((want.argmax(1) == np.array([y for _, y in tests])).mean())
+    assert result["test_acc"] == pytest.approx(acc, abs=1e-4) == float(clf.metadata["test_accuracy"])
+
+    single = tmp_path / "single"
+    assert run_train(*common, "--out", single, "--members", "1") == 0
+    assert "Ensemble" not in capsys.readouterr().out and not (single / "members").exists()
+    assert "members" not in json.loads((single / "config.json").read_text())
+    alone = RunDir(single).load_model().state_dict()
+    assert all(torch.equal(alone[k], v) for k, v in a.state_dict().items())  # the first model is the same run
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_an_ensemble_stopped_in_its_second_model_resumes_exactly(shapes_dir, tmp_path, capsys):
+    """--members 2 (given: no budget needed, each model its whole schedule); Ctrl-C while the
+    second model trains leaves the first one finished and the second resumable, and --resume
+    of the run ends where an uninterrupted run does."""
+    common = ["--data", shapes_dir, "--epochs", "3", *TINY_MODEL, "--seed", "4", "--members", "2"]
+    full = tmp_path / "full"
+    assert run_train(*common, "--out", full, "--workers", "0") == 0
+    assert len(metrics(full)) == len(metrics(full / "members" / "1")) == 3
+    part = tmp_path / "part"
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, common), "--out", str(part), "--workers", "1"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True
+    )
+    second = False
+    for line in proc.stdout:
+        second = second or line.startswith("Model 2 of 2")
+        if second and line.startswith("epoch   1/"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in rest, rest
+    assert f"--resume {part}" in rest
+    assert "result" in json.loads((part / "config.json").read_text())  # the first model is whole
+    assert "members" not in json.loads((part / "config.json").read_text())
+    capsys.readouterr()
+    assert run_train("--resume", part, "--workers", "0") == 0
+    said = capsys.readouterr().out
+    assert "continuing its ensemble" in said and "Model 2 of 2: resuming" in said
+    assert metrics(part / "members" / "1") == metrics(full / "members" / "1")
+    a, b = (load_file(r / "members" / "1" / "model.safetensors") for r in (full, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    got, want = (json.loads((r / "config.json").read_text()) for r in (part, full))
+    assert got["members"] == want["members"] == ["members/1"]
+    drop = ("train_minutes",)
+    clean = lambda r: {k: v for k, v in r.items() if k not in drop and k != "first_model"}  # noqa: E731
+    assert clean(got["result"]) == clean(want["result"])
+    assert run_train("--resume", part, "--workers", "0") == 0
+    assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_members_are_refused_where_they_cannot_differ(shapes_dir, tmp_path, capsys):
+    """Members start from other seeds: fine-tuning starts every one from the same weights."""
+    out = tmp_path / "r"
+    assert run_train("--data", shapes_dir, "--out", out, "--pretrained", "x.safetensors", "--members", "2") == 2
+    err = capsys.readouterr().err
+    assert "--members" in err and "--pretrained" in err

@@ -11,9 +11,10 @@ from pathlib import Path
 
 
 def pretrained_run(src: str) -> dict | None:
-    """Our own weights as the starting point: a run folder, or a .safetensors file that says what
-    it is (its run's config.json beside it, or the description train.py writes into the file).
-    Returns {model, labels, preprocessing, weights} or None for timm names and other files."""
+    """Our own weights as the starting point: a run folder (an ensemble's: its first model), or a
+    .safetensors file that says what it is (its run's config.json beside it, or the description
+    train.py writes into the file). Returns {model, labels, preprocessing, weights} or None for
+    timm names and other files."""
     import json
 
     from safetensors import safe_open

@@ -89,6 +89,12 @@ class TrainConfig:
     mirror_average: bool | None = setting(
         "predict from the image and its mirror, logits averaged (default: when trained with --hflip)"
     )
+    members: int | None = setting(
+        "models averaged into the run's one model (their logits), each trained from its own seed on the same split; "
+        "1: one. Given, a time budget is shared between them. Default, from scratch: a second one when the recipe's "
+        "whole schedule ended with more time left in the budget than it took (tiny data; see the README); each member "
+        "costs one more forward pass"
+    )
     # ----- preprocessing --------------------------------------------------------------------
     interpolation: str | None = setting("resize interpolation", choices=("bicubic", "bilinear", "nearest", "lanczos"))
     crop_pct: float | None = setting("evaluation centre crop fraction")
@@ -131,7 +137,7 @@ class TrainConfig:
         """Refuse values no run can use, naming the flag; None (the recipe picks) always passes."""
         rules = {
             "positive": ("image_size", "patch_size", "stem_depth", "dim", "depth", "heads", "mlp_dim", "epochs",
-                         "batch_size", "grad_accum", "lr"),
+                         "batch_size", "grad_accum", "lr", "members"),
             "a share in (0, 1)": ("val_fraction",),
             "a probability in [0, 1]": ("hflip", "erase"),
             "in (0, 1]": ("scale_min", "crop_pct", "min_lr_ratio"),

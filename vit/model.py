@@ -521,3 +521,33 @@ class ViT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class Ensemble(nn.Module):
+    """Several ViTs of one architecture, trained on the same images from other seeds, whose
+    logits are averaged: a deep ensemble (Lakshminarayanan et al. 2017). ``train.py`` trains a
+    second member where a time budget outlasts the recipe's whole schedule (see the README's
+    tiny-data section); it costs one forward pass per member.
+    """
+
+    def __init__(self, members: list[ViT]):
+        super().__init__()
+        if not members or len({m.config for m in members}) != 1:
+            raise ValueError("an ensemble needs one or more members of one configuration")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def config(self) -> ViTConfig:
+        return self.members[0].config
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> the members' mean logits (B, K), each as ``ViT.forward`` gives them."""
+        return torch.stack([m(images) for m in self.members]).mean(0)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def members_of(model: nn.Module) -> list[ViT]:
+    """An ensemble's members, or ``[model]``."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]

@@ -26,6 +26,12 @@ CAP_NOTE = (
     "set by the recipe, DeiT's length: with a few hundred images, more epochs scored no higher beyond the spread "
     "in the README's tiny-data runs"
 )
+# A from-scratch run whose whole schedule ended with more of its time budget left than it took
+# spends the rest on a second model, trained from another seed on the same split, whose logits
+# are averaged with the first's (train.py; the README's tiny-data section has the measurements).
+# Two at most: each costs a forward pass, and the exported file's latency stays within 2x.
+AUTO_MEMBERS = 2
+MEMBER_MARGIN = 1.1  # the time left must be this many times what the first model took
 GLYPH_SIDE = 16  # images this small are taken for glyphs: no flip, no strong augmentation (tiny data: mixup)
 SHORT_BUDGET = 4.0  # minutes: on a CPU, a budget this short gets a coarser token grid (input_size_for)
 CPU_BUDGET = 8.0  # minutes: a from-scratch run's default time budget on a CPU

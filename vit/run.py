@@ -6,6 +6,9 @@
     RUN_DIR/checkpoint.pt      everything to resume
     RUN_DIR/model.safetensors  the kept weights (their config, labels and preprocessing in its metadata)
     RUN_DIR/metrics.csv        one row per epoch
+    RUN_DIR/members/1/ ...     an ensemble's other members, each a whole run of its own (same split, other
+                               seed); config.json's "members" lists the finished ones, and the run's
+                               report and result are then the ensemble's
 
 train.py, ``--eval``, export and the Space builder all go through ``RunDir``. Every write is
 atomic. This module imports no torch until a model is asked for.
@@ -50,6 +53,7 @@ def stratified_sample(items: list[tuple[str, int]], limit: int | None, seed: int
 class RunDir:
     CONFIG, SPLIT, SKIPPED = "config.json", "split.json", "skipped.json"
     CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "model.safetensors", "metrics.csv"
+    MEMBERS = "members"  # an ensemble's other members: members/1, members/2 ..., each a whole run
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -135,9 +139,34 @@ class RunDir:
         """The run's ``val`` or ``test`` items (or ``train``), stratified down to ``limit``."""
         return stratified_sample(self.split().get(which) or [], limit, seed)
 
+    # ----- an ensemble's members ---------------------------------------------------------
+    def member(self, i: int) -> RunDir:
+        """Member ``i`` (1, 2 ...) of the run's ensemble; member 0 is the run itself."""
+        return RunDir(self / self.MEMBERS / str(i))
+
+    def members(self) -> list[RunDir]:
+        """The finished members the run's model averages, itself first: the run's config lists
+        the others once they have finished (a run without that list is one model)."""
+        return [self] + [RunDir(self / rel) for rel in self.config().get("members", [])]
+
+    def pending_member(self) -> RunDir | None:
+        """A member the run started but did not finish (train.py --resume continues it)."""
+        done = {m.path for m in self.members()}
+        folder = self / self.MEMBERS
+        started = sorted(folder.iterdir(), key=lambda p: (len(p.name), p.name)) if folder.is_dir() else []
+        return next((RunDir(p) for p in started if p.is_dir() and p not in done), None)
+
     # ----- the model -------------------------------------------------------------------
     def load_model(self):
-        """The run's ViT with its kept weights, in eval mode."""
+        """The run's ViT with its kept weights, in eval mode; an ``Ensemble`` of its members'
+        where it has several."""
+        from vit.model import Ensemble
+
+        models = [m.load_one() for m in self.members()]
+        return (models[0] if len(models) == 1 else Ensemble(models)).eval()
+
+    def load_one(self):
+        """This folder's own ViT, without its ensemble's other members."""
         from safetensors.torch import load_file
 
         from vit.model import ViT, ViTConfig
@@ -146,3 +175,7 @@ class RunDir:
         model = ViT(ViTConfig.from_dict(self.config()["model"]))
         model.load_state_dict(load_file(str(self / self.WEIGHTS)))
         return model.eval()
+
+    def weight_files(self) -> list[Path]:
+        """The kept weights of every member, the run's own first."""
+        return [m / m.WEIGHTS for m in self.members()]
