@@ -705,6 +705,11 @@ def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, 
         trainer = train_member(run, i, wanted, mcfg, run_config, scan, split, device, d, resumed, say)
     if trainer is not None:
         finish_ensemble(run, trainer, datasets, scan.classes)
+    if why and t_start is not None:  # the recipe's ensemble: why the rest of the budget stays unspent
+        log(
+            f"Training used {(time.perf_counter() - t_start) / 60:.2f} of its {total / 60:g} min budget: the whole "
+            f"schedules of {wanted} models, the most the recipe trains (each costs the file one more forward pass)"
+        )
 
 
 def train_member(run, i: int, n: int, mcfg, run_config: dict, scan, split, device, d, resumed, say):

@@ -213,6 +213,9 @@ def run_vit(root: Path, work: Path, budget_min: float, seed: int, flags: list[st
         budget_used=round(minutes / budget_min, 3),
         epochs=t.get("epochs_fitted") or t["epochs"],
         stopped=cfg["result"].get("stopped"),
+        # an ensemble's (train.py trains a second model where the budget outlasts the schedule):
+        # test_acc is theirs together, final_test_acc the first model's last weights alone
+        **{k: cfg["result"][k] for k in ("members", "member_test_acc") if k in cfg["result"]},
         model=f"{m['depth']}x{m['dim']}, {m['image_size'][0]} px / patch {m['patch_size']}",
     )
 

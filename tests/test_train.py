@@ -1100,6 +1100,7 @@ def test_a_budget_the_whole_schedule_leaves_unspent_trains_a_second_model_averag
     said = capsys.readouterr().out
     assert "Ensemble: the whole schedule (2 epochs) took" in said and "--members 1 leaves it out" in said
     assert "Model 2 of 2: seed 103" in said and "Ensemble of 2 models: validation accuracy" in said
+    assert "budget: the whole schedules of 2 models, the most the recipe trains" in said
     run, member = RunDir(out), RunDir(out / "members" / "1")
     config, own = run.config(), member.config()
     assert config["members"] == ["members/1"] and own["train"]["seed"] == 103 and "members" not in own
