@@ -117,6 +117,9 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     # is the one for a run without a budget (no SAM, which is for long budgets)
     epochs_only = "epochs" in flags and "time_budget" not in flags
     recipe_budget = 0 if epochs_only else args.time_budget  # what the scratch recipe's rules are given
+    if (args.members or 1) > 1 and recipe_budget != 0 and not args.pretrained:  # members given share the budget
+        whole = recipe_budget if recipe_budget is not None else recipe.default_budget(device)
+        recipe_budget = whole / args.members if whole else recipe_budget
     if args.pretrained:
         partial = recipe.finetune_recipe(n_train, preprocessing)
     else:
@@ -394,10 +397,10 @@ def train(args) -> int:
         budget = (
             TimeBudget(cfg.time_budget * 60 / share, cfg.epochs, cap_note=cfg.epochs_note) if cfg.time_budget else None
         )
+        if resumed and d.world > 1 and (cfg.members or 1) > 1:
+            raise ValueError(f"{run}: an ensemble's models train on one process; resume it without torchrun")
         if resumed and "result" in run.config():  # its first model is done: the ensemble's others are not
-            if d.world > 1:
-                raise ValueError(f"{run}: an ensemble's models train on one process; resume it without torchrun")
-            say(f"{run} trained its first model; continuing its ensemble")
+            say(f"{run} finished {len(finished_members(run))} of its models; continuing its ensemble")
             return grow_or_stop(run, cfg, run.config(), scan, split, (train_ds, val_ds, test_ds), device, d, None, say)
         trainer = Trainer(model, cfg, train_ds, val_ds, run.path, device, d, budget, t_start, say)
         trainer.weights_metadata = weights_metadata(model, scan.classes, cfg)
@@ -445,7 +448,10 @@ def train(args) -> int:
             log(budget_use(budget, state, time.perf_counter() - t_start))
         if d.main:  # alone now: the report may take longer than a collective's timeout
             finish_run(run, run_config, trainer, state, (val_ds, test_ds), scan.classes, t_start)
-            clock = None if resumed else (t_start, budget, state)  # a resumed run's clock is not the budget's
+            # what the budget has paid for: a resumed run's is what its epochs took (metrics.csv)
+            spent = time.perf_counter() - t_start if not resumed else sum(float(r["seconds"]) for r in run.metrics())
+            clock = (time.perf_counter() - spent, budget, state)
+            trainer = model = None  # the first model's trainer (optimizer, EMA, loaders) is not needed again
             return grow_or_stop(run, cfg, run_config, scan, split, (train_ds, val_ds, test_ds), device, d, clock, say)
         return 0
     finally:
@@ -512,7 +518,13 @@ def describe_start(model, cfg, device, world: int) -> None:
         + (f" x {world} processes" if world > 1 else "")
     )
     log("Settings: " + cfg.shown())
-    if cfg.time_budget:
+    if cfg.time_budget and (cfg.members or 1) > 1:
+        each = cfg.time_budget / cfg.members
+        log(
+            f"Time budget: {cfg.time_budget:g} min, shared by {cfg.members} models, {each:.3g} each "
+            f"(at most {cfg.epochs} epochs)"
+        )
+    elif cfg.time_budget:
         log(f"Time budget: {cfg.time_budget:g} min (at most {cfg.epochs} epochs)")
     else:
         log(f"Time budget: {cfg.time_budget_note or 'off'}")
@@ -628,19 +640,34 @@ def weights_metadata(model, classes: list[str], cfg) -> dict[str, str]:
     )
 
 
+def finished_members(run) -> list:
+    """The run's finished models in order: itself, then members/1, members/2 ... while they have a result."""
+    done, i = [run], 1
+    while run.member(i).is_trained() and "result" in run.member(i).config():
+        done.append(run.member(i))
+        i += 1
+    return done
+
+
 def members_to_train(run, cfg) -> bool:
-    """Whether a finished run's ensemble has members to train or continue."""
-    return run.pending_member() is not None or (cfg.members or 1) > len(run.members())
+    """Whether a finished run's ensemble has models to train or continue: one it started and did
+    not finish, or fewer than --members asked for, unless the run stopped adding them (its
+    budget ran out, or a model diverged: ``members_stopped`` in its result)."""
+    if run.pending_member() is not None:
+        return True
+    stopped = run.config().get("result", {}).get("members_stopped")
+    return not stopped and (cfg.members or 1) > len(finished_members(run))
 
 
 def members_planned(cfg, clock) -> tuple[int, str | None]:
     """How many models the run's ensemble has, its first included, and why, when the recipe
-    chose more than one. ``clock``: (start, budget, state) of a run that was not resumed."""
+    chose more than one. ``clock``: (start, budget, state) of the first model, ``start`` such
+    that ``perf_counter() - start`` is what the budget has paid for; None when not known."""
     from vit.recipe import AUTO_MEMBERS, MEMBER_MARGIN
 
     if cfg.members is not None:
         return cfg.members, None
-    if clock is None or cfg.pretrained:
+    if clock is None or cfg.pretrained or not cfg.epochs_note:  # the recipe's cap ended the schedule
         return 1, None
     t_start, budget, state = clock
     took = time.perf_counter() - t_start
@@ -654,8 +681,8 @@ def members_planned(cfg, clock) -> tuple[int, str | None]:
 
 
 def grow_or_stop(run, *args) -> int:
-    """``grow_ensemble``, and the exit status: a model stopped by a signal or diverged says so
-    as the first model does."""
+    """``grow_ensemble``, and the exit status: a model stopped by a signal says so as the first
+    model does; one that diverged is left out (the models before it are kept)."""
     from vit.engine import Diverged, Stop
 
     try:
@@ -670,50 +697,62 @@ def grow_or_stop(run, *args) -> int:
 
 
 def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, clock, say) -> None:
-    """Train (or continue) the run's other members, then write the ensemble's report and result.
-    ``clock``: (start, budget, state) of a run that was not resumed, else None."""
+    """Train (or continue) the run's other models, each a whole run in RUN/members/i, then
+    write the ensemble's report and result. ``clock`` as for ``members_planned``."""
     import shutil
 
     from vit.config import TrainConfig
+    from vit.engine import Diverged
 
     if d.world > 1:
         return
     wanted, why = members_planned(cfg, clock)
-    done, pending = run.members(), run.pending_member()
-    wanted = max(wanted, len(done) + (pending is not None))
-    if wanted == len(done):
+    started = [p for p in (run / run.MEMBERS).iterdir() if p.name.isdigit()] if (run / run.MEMBERS).is_dir() else []
+    wanted = max(wanted, 1 + max((int(p.name) for p in started), default=0))  # what an earlier start asked for
+    if wanted == 1 or "members_stopped" in run.config().get("result", {}):
         return
     if why:
         log(f"Ensemble: {why}")
     total = (cfg.time_budget or 0) * 60
-    t_start = clock[0] if clock else None
-    trainer = None
-    for i in range(len(done), wanted):
+    stopped, grown = None, False
+    for i in range(1, wanted):
         member = run.member(i)
-        resumed = pending is not None and member.path == pending.path and member.is_resumable()
-        if not resumed:
+        if member.is_trained() and "result" in member.config():
+            continue  # finished before a stop
+        resumed = member.is_resumable()
+        if resumed:
+            saved = member.config()
+            mcfg = replace(TrainConfig.from_dict(saved["train"], saved=True), device=cfg.device, workers=cfg.workers)
+        else:
             shutil.rmtree(member.path, ignore_errors=True)  # one that stopped before its first checkpoint
-            seconds = (total - (time.perf_counter() - t_start)) / (wanted - i) if total and t_start else total / wanted
+            left = total - (time.perf_counter() - clock[0]) if total and clock else total * (wanted - i) / wanted
+            seconds = left / (wanted - i)
             if total and seconds < 0.5 * total / wanted:
                 log(f"Ensemble: {seconds / 60:.1f} min of the budget left, too little for model {i + 1}; it has {i}")
+                stopped = "budget"
                 break
             minutes = round(seconds / 60, 2) if total else None
             mcfg = replace(cfg, seed=cfg.seed + 100 * i, time_budget=minutes, members=1)
-        else:
-            saved = member.config()
-            mcfg = replace(TrainConfig.from_dict(saved["train"], saved=True), device=cfg.device, workers=cfg.workers)
-        trainer = train_member(run, i, wanted, mcfg, run_config, scan, split, device, d, resumed, say)
-    if trainer is not None:
-        finish_ensemble(run, trainer, datasets, scan.classes)
-    if why and t_start is not None:  # the recipe's ensemble: why the rest of the budget stays unspent
+        try:
+            train_member(run, i, wanted, mcfg, run_config, scan, split, device, d, resumed)
+        except Diverged:
+            shutil.rmtree(member.path, ignore_errors=True)
+            log(f"Ensemble: model {i + 1} diverged and is left out; the run keeps the {i} before it")
+            finish_ensemble(run, cfg, datasets, scan.classes, device, "diverged")
+            raise
+        grown = True
+    if grown or stopped or "members" not in run.config():
+        finish_ensemble(run, cfg, datasets, scan.classes, device, stopped)
+    n = len(finished_members(run))
+    if why and clock and n > 1 and total - (time.perf_counter() - clock[0]) > 0.1 * total:
         log(
-            f"Training used {(time.perf_counter() - t_start) / 60:.2f} of its {total / 60:g} min budget: the whole "
-            f"schedules of {wanted} models, the most the recipe trains (each costs the file one more forward pass)"
+            f"Training used {(time.perf_counter() - clock[0]) / 60:.2f} of its {total / 60:g} min budget: the whole "
+            f"schedules of {n} models, the most the recipe trains (each costs the file one more forward pass)"
         )
 
 
-def train_member(run, i: int, n: int, mcfg, run_config: dict, scan, split, device, d, resumed, say):
-    """Member ``i`` of ``n``: a whole run in RUN/members/i on the run's split; its trainer."""
+def train_member(run, i: int, n: int, mcfg, run_config: dict, scan, split, device, d, resumed: bool) -> None:
+    """Model ``i`` of ``n``: a whole run in RUN/members/i on the run's split."""
     import torch
 
     from vit import ViT, ViTConfig
@@ -728,49 +767,59 @@ def train_member(run, i: int, n: int, mcfg, run_config: dict, scan, split, devic
     else:
         torch.manual_seed(mcfg.seed)
         model = build_model(mcfg, scan.classes)
-        config = {**run_config, "model": model.config.to_dict(), "train": mcfg.to_dict()}
-        config.pop("result", None)
-        config.pop("members", None)
+        config = {k: v for k, v in run_config.items() if k not in ("result", "members")}
+        config.update(model=model.config.to_dict(), train=mcfg.to_dict())
     train_ds, val_ds, test_ds = make_datasets(scan, split, mcfg, model.config)  # augmentation from its own seed
     budget = TimeBudget(mcfg.time_budget * 60, mcfg.epochs, cap_note=mcfg.epochs_note) if mcfg.time_budget else None
-    trainer = Trainer(model, mcfg, train_ds, val_ds, member.path, device, d, budget, t0, say)
+    trainer = Trainer(model, mcfg, train_ds, val_ds, member.path, device, d, budget, t0, log)
     trainer.weights_metadata = weights_metadata(model, scan.classes, mcfg)
     if resumed:
         trainer.load_checkpoint(member / member.CHECKPOINT)
         log(f"Model {i + 1} of {n}: resuming {member} at epoch {trainer.state.epoch + 1}")
     else:
-        write_new_run(member, config, scan, split, mcfg)
-        minutes = f", {mcfg.time_budget:.1f} min of the budget" if mcfg.time_budget else ""
+        member.path.mkdir(parents=True, exist_ok=True)
+        saved = run.split()  # the run's own split, drawn with the run's seed
+        member.write_split(split.train, split.val, split.test, saved["seed"], saved["val_fraction"])
+        member.write_skipped(scan.skipped, scan.notes)
+        member.write_config(config)
+        minutes = f", {mcfg.time_budget:g} min of the budget" if mcfg.time_budget else ""
         log(f"Model {i + 1} of {n}: seed {mcfg.seed}{minutes}, in {member}")
     state = trainer.fit(resumed)
     finish_run(member, config, trainer, state, (val_ds, test_ds), scan.classes, t0)
-    return trainer
 
 
-def finish_ensemble(run, trainer, datasets, classes: list[str]) -> None:
-    """The finished members' averaged logits on validation (and test/): the run's report and
-    result are the ensemble's, and config.json lists its members."""
+def finish_ensemble(run, cfg, datasets, classes: list[str], device, stopped: str | None = None) -> None:
+    """The finished models' averaged logits on validation (and test/): the run's report and
+    result are the ensemble's, and config.json lists its members. ``stopped``: why the run
+    adds no more ("budget", "diverged"), kept in the result so --resume does not either."""
+    import torch
+    from torch.utils.data import DataLoader
+
     from vit import report
     from vit.model import Ensemble
 
     _, val_ds, test_ds = datasets
-    finished, i = [run], 1
-    while run.member(i).is_trained() and "result" in run.member(i).config():  # members 1, 2 ... in order
-        finished.append(run.member(i))
-        i += 1
+    finished = finished_members(run)
+    saved = run.config()
+    first = saved["result"].get("first_model", saved["result"])  # finished again: its first model's own result
     if len(finished) < 2:
+        if stopped:
+            run.write_config({**saved, "result": {**saved["result"], "members_stopped": stopped}})
         return
-    config = {**run.config(), "members": [m.path.relative_to(run.path).as_posix() for m in finished[1:]]}
-    model = Ensemble([m.load_one() for m in finished]).to(trainer.device)
-    n = len(finished)
-    probs, labels = trainer.predict(model)
+    model = Ensemble([m.load_one() for m in finished]).to(device).eval()
+
+    def predict(ds):
+        with torch.inference_mode():
+            batches = [(model(x.to(device)).float().softmax(-1).cpu(), y) for x, y in DataLoader(ds, batch_size=64)]
+        return torch.cat([p for p, _ in batches]).numpy(), torch.cat([y for _, y in batches]).numpy()
+
+    n, mixed = len(finished), cfg.mixup or cfg.cutmix
+    probs, labels = predict(val_ds)
     scores = report.write_report(
-        run.path, classes, probs.numpy(), labels.numpy(), val_ds.load, metrics_csv=run / run.METRICS,
+        run.path, classes, probs, labels, val_ds.load, metrics_csv=run / run.METRICS,
         title=f"Validation report: an ensemble of {n} models (the curves are the first model's)",
-        train_label="train (mixed images)" if trainer.cfg.mixup or trainer.cfg.cutmix else "train",
+        train_label="train (mixed images)" if mixed else "train",
     )  # fmt: skip
-    saved = run.config()["result"]
-    first = saved.get("first_model", saved)  # an ensemble finished again keeps its first model's own result
     results = [first] + [m.config()["result"] for m in finished[1:]]
     result = dict(
         first,
@@ -781,22 +830,30 @@ def finish_ensemble(run, trainer, datasets, classes: list[str]) -> None:
         ece=scores["ece"],
         member_val_acc=[r["val_acc"] for r in results],
         train_minutes=round(sum(r["train_minutes"] for r in results), 2),  # the models one after another
+        **({"members_stopped": stopped} if stopped else {}),
     )
     if test_ds is not None:
-        title = f"Held-out test report: an ensemble of {n} models"
-        result.update(held_out_test(trainer, test_ds, classes, run.path, model, title))
+        probs, labels = predict(test_ds)
+        tested = report.write_report(
+            run / "test", classes, probs, labels, test_ds.load, title=f"Held-out test report: an ensemble of {n} models"
+        )
+        result.update(
+            test_acc=round(tested["accuracy"], 4), test_images=tested["n"], test_macro_f1=tested["macro"]["f1"]
+        )
         result["member_test_acc"] = [r.get("test_acc") for r in results]
-    run.write_config({**config, "result": result})
+    run.write_config(
+        {**saved, "members": [m.path.relative_to(run.path).as_posix() for m in finished[1:]], "result": result}
+    )
+    alone = ", ".join(f"{a:.2%}" for a in result["member_val_acc"])
     log(
-        f"Ensemble of {n} models: validation accuracy {result['val_acc']:.2%} (the models alone: "
-        + ", ".join(f"{a:.2%}" for a in result["member_val_acc"])
-        + f"); report in {run / 'report.md'}"
+        f"Ensemble of {n} models: validation accuracy {result['val_acc']:.2%} (the models alone: {alone}); "
+        f"report in {run / 'report.md'}"
     )
     if test_ds is not None:
+        alone = ", ".join(f"{a:.2%}" for a in result["member_test_acc"])
         log(
             f"Held-out test accuracy {result['test_acc']:.2%} on {result['test_images']} images (the models alone: "
-            + ", ".join(f"{a:.2%}" for a in result["member_test_acc"])
-            + f"); report in {run / 'test' / 'report.md'}"
+            f"{alone}); report in {run / 'test' / 'report.md'}"
         )
 
 

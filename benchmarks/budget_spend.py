@@ -74,14 +74,10 @@ def view_sets(native_px: float) -> dict[str, list[tuple[float, float]]]:
 
 
 def load_run(run: Path):
-    from safetensors.torch import load_file
+    """The run's model (an ensemble's: all its models, logits averaged) and its config."""
+    from vit.run import RunDir
 
-    from vit import ViT, ViTConfig
-
-    cfg = json.loads((run / "config.json").read_text())
-    model = ViT(ViTConfig.from_dict(cfg["model"])).eval()
-    model.load_state_dict(load_file(str(run / "model.safetensors")))
-    return model, cfg
+    return RunDir(run).load_model(), RunDir(run).config()
 
 
 def test_tensors(root: Path, cfg: dict):
@@ -149,7 +145,7 @@ def members(
         if not done:  # a member that did not finish is trained again
             shutil.rmtree(run, ignore_errors=True)
             cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--out", str(run)]
-            cmd += ["--time-budget", f"{each:g}", "--seed", str(seed + 100 * i)]
+            cmd += ["--time-budget", f"{each:g}", "--seed", str(seed + 100 * i), "--members", "1"]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if res.returncode:
                 raise SystemExit(f"train.py failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")

@@ -206,7 +206,11 @@ def run_vit(root: Path, work: Path, budget_min: float, seed: int, flags: list[st
     return dict(
         test_acc=cfg["result"]["test_acc"],
         final_test_acc=final_weights_test(run, root, cfg),
-        **({"single_view_test_acc": single_view_test(run, root, cfg)} if m.get("mirror_average") else {}),
+        **(  # the first model alone: left out for an ensemble, whose test_acc is its models' together
+            {"single_view_test_acc": single_view_test(run, root, cfg)}
+            if m.get("mirror_average") and "members" not in cfg
+            else {}
+        ),
         best_epoch=cfg["result"]["best_epoch"],
         hflip=t["hflip"],
         minutes=round(minutes, 2),

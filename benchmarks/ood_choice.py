@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "ood_choice_cpu.json")
     a = p.parse_args(argv)
     run = RunDir(a.run)
-    model, cfg = run.load_model(), run.config()
+    model, cfg = run.load_one(), run.config()  # an ensemble's first model: the one the file's score reads
     root, prep, k = run.data_root(), cfg["preprocessing"], len(cfg["labels"])
 
     def split(which, limit=None):

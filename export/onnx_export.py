@@ -200,12 +200,10 @@ def portable_name(source: str) -> str:
 
 def run_metadata(run: dict, weights: list[Path], attention: bool) -> dict[str, str]:
     """Everything a reader of the file needs, as strings (JSON where structured). ``weights``:
-    the kept weights' files, an ensemble's members' in order (its hash covers them all)."""
+    the kept weights' files, an ensemble's members' in order (each one's hash is kept)."""
     result = run.get("result", {})
     source = run["train"].get("pretrained")
-    digest = hashlib.sha256()
-    for f in [weights] if isinstance(weights, Path) else weights:
-        digest.update(f.read_bytes())
+    hashes = [hashlib.sha256(f.read_bytes()).hexdigest() for f in ([weights] if isinstance(weights, Path) else weights)]
     return {
         "labels": json.dumps(run["labels"]),
         **Preprocessing.from_dict(run["preprocessing"]).metadata(),
@@ -213,8 +211,9 @@ def run_metadata(run: dict, weights: list[Path], attention: bool) -> dict[str, s
         "initialization": f"fine-tuned from {portable_name(source)}" if source else "trained from scratch",
         "train_images": str(run.get("data", {}).get("train_images", "")),
         "val_accuracy": str(result.get("val_acc", "")),
-        "weights_sha256": digest.hexdigest(),
-        "models": str(len(weights) if isinstance(weights, list) else 1),
+        "weights_sha256": hashes[0],  # the run's own model.safetensors
+        "models": str(len(hashes)),
+        **({"ensemble_weights_sha256": json.dumps(hashes)} if len(hashes) > 1 else {}),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "attention_output": str(attention).lower(),
         "views": "the image and its mirror, logits averaged"
@@ -222,10 +221,10 @@ def run_metadata(run: dict, weights: list[Path], attention: bool) -> dict[str, s
         else "the image as given",
         **(
             {
-                "ensemble": f"{len(weights)} models of this configuration trained from other seeds on the same images, "
+                "ensemble": f"{len(hashes)} models of this configuration trained from other seeds on the same images, "
                 "logits averaged; the ood score reads the first"
             }
-            if isinstance(weights, list) and len(weights) > 1
+            if len(hashes) > 1
             else {}
         ),  # fmt: skip
         "threshold_rule": "5th percentile of the top probability on correctly classified validation images "

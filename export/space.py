@@ -135,7 +135,8 @@ def model_card(meta: dict, report: dict | None, title: str, where: str = GRADIO_
         f"- Weights: {meta.get('initialization', 'not recorded')}"
         + (f" on {meta['train_images']} images" if meta.get("train_images") else "")
         + f"; {'fp32' if meta.get('quantization', 'none') == 'none' else meta['quantization']}; "
-        f"SHA-256 of the trained weights {meta['weights_sha256'][:16]}...",
+        f"SHA-256 of the trained weights {meta['weights_sha256'][:16]}..."
+        + (" (the first model's)" if meta.get("ensemble_weights_sha256") else ""),
         f'- The app says "not sure" below a top probability of {float(meta.get("threshold", 0)):.0%}, '
         f"the {meta.get('threshold_rule', 'rule not recorded')}.",
         "",

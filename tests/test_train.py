@@ -1084,17 +1084,22 @@ def held_out_folder(shapes_dir, tmp_path) -> Path:
     return root
 
 
-def test_a_budget_the_whole_schedule_leaves_unspent_trains_a_second_model_averaged_in(shapes_dir, tmp_path, capsys):
-    """Where the run's whole schedule ended with more of its budget left than it took, a second
-    model trains from another seed on the same split in the rest, and the run's model, report,
-    result and exported file are the two's averaged logits. --members 1 leaves it out."""
+def test_a_budget_the_whole_schedule_leaves_unspent_trains_a_second_model_averaged_in(
+    shapes_dir, tmp_path, capsys, monkeypatch
+):
+    """Where the recipe's whole schedule (its epoch cap, lowered here so the test is quick) ended
+    with more of the budget left than it took, a second model trains from another seed on the
+    same split in the rest, and the run's model, report, result and exported file are the two's
+    averaged logits. --members 1 leaves it out, and so does a cap of one's own (--epochs)."""
     from export.onnx_export import export_run, ort_logits
+    from vit import recipe
     from vit.model import Ensemble
     from vit.run import RunDir
     from vit.runtime import Classifier
 
+    monkeypatch.setattr(recipe, "BUDGET_MAX_EPOCHS", 2)
     root = held_out_folder(shapes_dir, tmp_path)
-    common = ["--data", root, "--epochs", "2", "--time-budget", "5", "--workers", "0", *TINY_MODEL, "--seed", "3"]
+    common = ["--data", root, "--time-budget", "5", "--workers", "0", *TINY_MODEL, "--seed", "3"]
     out = tmp_path / "run"
     assert run_train(*common, "--out", out) == 0
     said = capsys.readouterr().out
@@ -1139,52 +1144,68 @@ def test_a_budget_the_whole_schedule_leaves_unspent_trains_a_second_model_averag
     assert "members" not in json.loads((single / "config.json").read_text())
     alone = RunDir(single).load_model().state_dict()
     assert all(torch.equal(alone[k], v) for k, v in a.state_dict().items())  # the first model is the same run
+    assert run_train(*common, "--out", tmp_path / "own", "--epochs", "2") == 0
+    assert "Ensemble" not in capsys.readouterr().out and not (tmp_path / "own" / "members").exists()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
-def test_an_ensemble_stopped_in_its_second_model_resumes_exactly(shapes_dir, tmp_path, capsys):
-    """--members 2 (given: no budget needed, each model its whole schedule); Ctrl-C while the
-    second model trains leaves the first one finished and the second resumable, and --resume
-    of the run ends where an uninterrupted run does."""
-    common = ["--data", shapes_dir, "--epochs", "3", *TINY_MODEL, "--seed", "4", "--members", "2"]
+def test_an_ensemble_stopped_in_its_third_model_resumes_exactly(shapes_dir, tmp_path, capsys):
+    """--members 3 (given: no budget needed, each model its whole schedule); Ctrl-C while the
+    third model trains leaves the first two finished and untouched by --resume, which continues
+    the third and ends where an uninterrupted run does."""
+    common = ["--data", shapes_dir, "--epochs", "3", *TINY_MODEL, "--seed", "4", "--members", "3"]
     full = tmp_path / "full"
     assert run_train(*common, "--out", full, "--workers", "0") == 0
-    assert len(metrics(full)) == len(metrics(full / "members" / "1")) == 3
+    assert [len(metrics(r)) for r in (full, full / "members" / "1", full / "members" / "2")] == [3, 3, 3]
     part = tmp_path / "part"
     cmd = [sys.executable, str(ROOT / "train.py"), *map(str, common), "--out", str(part), "--workers", "1"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True
     )
-    second = False
+    third = False
     for line in proc.stdout:
-        second = second or line.startswith("Model 2 of 2")
-        if second and line.startswith("epoch   1/"):
+        third = third or line.startswith("Model 3 of 3")
+        if third and line.startswith("epoch   1/"):
             os.killpg(proc.pid, signal.SIGINT)
             break
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "Traceback" not in rest, rest
     assert f"--resume {part}" in rest
-    assert "result" in json.loads((part / "config.json").read_text())  # the first model is whole
-    assert "members" not in json.loads((part / "config.json").read_text())
+    config = json.loads((part / "config.json").read_text())
+    assert "result" in config and "members" not in config  # the first model is whole; no ensemble yet
+    second = {p.name: p.read_bytes() for p in (part / "members" / "1").iterdir() if p.is_file()}
     capsys.readouterr()
     assert run_train("--resume", part, "--workers", "0") == 0
     said = capsys.readouterr().out
-    assert "continuing its ensemble" in said and "Model 2 of 2: resuming" in said
-    assert metrics(part / "members" / "1") == metrics(full / "members" / "1")
-    a, b = (load_file(r / "members" / "1" / "model.safetensors") for r in (full, part))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "finished 2 of its models; continuing its ensemble" in said and "Model 3 of 3: resuming" in said
+    assert "Model 2 of 3" not in said  # the finished second model is left as it was
+    assert {p.name: p.read_bytes() for p in (part / "members" / "1").iterdir() if p.is_file()} == second
+    for i in ("1", "2"):
+        assert metrics(part / "members" / i) == metrics(full / "members" / i)
+        a, b = (load_file(r / "members" / i / "model.safetensors") for r in (full, part))
+        assert all(torch.equal(a[k], b[k]) for k in a)
     got, want = (json.loads((r / "config.json").read_text()) for r in (part, full))
-    assert got["members"] == want["members"] == ["members/1"]
-    drop = ("train_minutes",)
-    clean = lambda r: {k: v for k, v in r.items() if k not in drop and k != "first_model"}  # noqa: E731
-    assert clean(got["result"]) == clean(want["result"])
+    assert got["members"] == want["members"] == ["members/1", "members/2"]
+    timing = ("train_minutes", "first_model")
+    assert {k: v for k, v in got["result"].items() if k not in timing} == {
+        k: v for k, v in want["result"].items() if k not in timing
+    }
     assert run_train("--resume", part, "--workers", "0") == 0
     assert "nothing to resume" in capsys.readouterr().out
 
 
-def test_members_are_refused_where_they_cannot_differ(shapes_dir, tmp_path, capsys):
-    """Members start from other seeds: fine-tuning starts every one from the same weights."""
-    out = tmp_path / "r"
-    assert run_train("--data", shapes_dir, "--out", out, "--pretrained", "x.safetensors", "--members", "2") == 2
+def test_given_members_share_the_budget_and_are_refused_where_they_cannot_differ(shapes_dir, run_dir, tmp_path, capsys):
+    """--members N with a time budget: the first model gets an N-th of it, each next one its share
+    of what is left, said at the start. Members start
+    from other seeds: fine-tuning would start every one from the same weights, so it is refused."""
+    out = tmp_path / "shared"
+    args = ["--data", shapes_dir, "--out", out, "--time-budget", "0.2", "--epochs", "2", "--workers", "0"]
+    assert run_train(*args, *TINY_MODEL, "--members", "2") == 0
+    assert "Time budget: 0.2 min, shared by 2 models, 0.1 each" in capsys.readouterr().out
+    first = json.loads((out / "config.json").read_text())["result"]["first_model"]["train_minutes"]
+    left = json.loads((out / "members" / "1" / "config.json").read_text())["train"]["time_budget"]
+    assert 0 < left <= 0.2 - first + 0.01  # the rest of the budget: the first model ended at its 2 epochs
+    assert json.loads((out / "config.json").read_text())["result"]["members"] == 2
+    assert run_train("--data", shapes_dir, "--out", tmp_path / "ft", "--pretrained", run_dir, "--members", "2") == 2
     err = capsys.readouterr().err
     assert "--members" in err and "--pretrained" in err

@@ -94,6 +94,15 @@ class RunDir:
     def write_config(self, config: dict) -> None:
         files.write_json(self / self.CONFIG, config)
 
+    def metrics(self) -> list[dict[str, str]]:
+        """metrics.csv's rows (none before the first epoch)."""
+        import csv
+
+        if not (self / self.METRICS).is_file():
+            return []
+        with open(self / self.METRICS, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
     def split(self) -> dict:
         return json.loads((self / self.SPLIT).read_text(encoding="utf-8"))
 
@@ -150,11 +159,19 @@ class RunDir:
         return [self] + [RunDir(self / rel) for rel in self.config().get("members", [])]
 
     def pending_member(self) -> RunDir | None:
-        """A member the run started but did not finish (train.py --resume continues it)."""
-        done = {m.path for m in self.members()}
+        """The first member the run started and did not finish (no result yet): train.py
+        --resume continues it, or starts it again if it stopped before its first checkpoint."""
         folder = self / self.MEMBERS
-        started = sorted(folder.iterdir(), key=lambda p: (len(p.name), p.name)) if folder.is_dir() else []
-        return next((RunDir(p) for p in started if p.is_dir() and p not in done), None)
+        started = (
+            sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+            if folder.is_dir()
+            else []
+        )
+        for p in started:
+            member = RunDir(p)
+            if not ((member / self.CONFIG).is_file() and "result" in member.config()):
+                return member
+        return None
 
     # ----- the model -------------------------------------------------------------------
     def load_model(self):
