@@ -117,7 +117,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     # is the one for a run without a budget (no SAM, which is for long budgets)
     epochs_only = "epochs" in flags and "time_budget" not in flags
     recipe_budget = 0 if epochs_only else args.time_budget  # what the scratch recipe's rules are given
-    if (args.members or 1) > 1 and recipe_budget != 0 and not args.pretrained:  # members given share the budget
+    whole = None  # given members share the whole budget; the recipe is the one for a share of it
+    if (args.members or 1) > 1 and recipe_budget != 0 and not args.pretrained:
         whole = recipe_budget if recipe_budget is not None else recipe.default_budget(device)
         recipe_budget = whole / args.members if whole else recipe_budget
     if args.pretrained:
@@ -155,6 +156,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
                 f"more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, chooses otherwise"
             )
     values = {**partial, **flags}
+    if whole and "time_budget" not in flags:
+        values["time_budget"] = whole  # the run's budget is the whole one, which its models share
     if not args.pretrained and not args.model:
         # the encoder follows the input the run gets: a chosen size or patch may leave the grid
         # the recipe's narrowed model was measured on (vit.recipe.model_for_input)
@@ -397,7 +400,7 @@ def train(args) -> int:
         budget = (
             TimeBudget(cfg.time_budget * 60 / share, cfg.epochs, cap_note=cfg.epochs_note) if cfg.time_budget else None
         )
-        if resumed and d.world > 1 and (cfg.members or 1) > 1:
+        if resumed and d.world > 1 and ((cfg.members or 1) > 1 or (run / run.MEMBERS).is_dir()):
             raise ValueError(f"{run}: an ensemble's models train on one process; resume it without torchrun")
         if resumed and "result" in run.config():  # its first model is done: the ensemble's others are not
             say(f"{run} finished {len(finished_members(run))} of its models; continuing its ensemble")
@@ -448,7 +451,8 @@ def train(args) -> int:
             log(budget_use(budget, state, time.perf_counter() - t_start))
         if d.main:  # alone now: the report may take longer than a collective's timeout
             finish_run(run, run_config, trainer, state, (val_ds, test_ds), scan.classes, t_start)
-            # what the budget has paid for: a resumed run's is what its epochs took (metrics.csv)
+            # what the budget has paid for: a resumed run's is what its epochs took (metrics.csv), which
+            # leaves out its set-up and the part of an epoch a stop lost
             spent = time.perf_counter() - t_start if not resumed else sum(float(r["seconds"]) for r in run.metrics())
             clock = (time.perf_counter() - spent, budget, state)
             trainer = model = None  # the first model's trainer (optimizer, EMA, loaders) is not needed again
@@ -521,7 +525,8 @@ def describe_start(model, cfg, device, world: int) -> None:
     if cfg.time_budget and (cfg.members or 1) > 1:
         each = cfg.time_budget / cfg.members
         log(
-            f"Time budget: {cfg.time_budget:g} min, shared by {cfg.members} models, {each:.3g} each "
+            f"Time budget: {cfg.time_budget:g} min, shared by {cfg.members} models: the first {each:.3g}, the "
+            "others what is left "
             f"(at most {cfg.epochs} epochs)"
         )
     elif cfg.time_budget:
@@ -655,8 +660,20 @@ def members_to_train(run, cfg) -> bool:
     budget ran out, or a model diverged: ``members_stopped`` in its result)."""
     if run.pending_member() is not None:
         return True
-    stopped = run.config().get("result", {}).get("members_stopped")
-    return not stopped and (cfg.members or 1) > len(finished_members(run))
+    config = run.config()
+    done = len(finished_members(run))
+    if done - 1 != len(config.get("members", [])):  # stopped before the ensemble's report was written
+        return True
+    result = config.get("result", {})
+    planned = max(cfg.members or 1, result.get("members_planned", 1))
+    return not result.get("members_stopped") and planned > done
+
+
+def spent_seconds(run) -> float:
+    """What a resumed run's finished models took of its budget: the first model's epochs
+    (metrics.csv; its set-up and report are left out) and the others' training minutes."""
+    first = sum(float(r.get("seconds") or 0) for r in run.metrics())
+    return first + 60 * sum(m.config()["result"].get("train_minutes", 0) for m in finished_members(run)[1:])
 
 
 def members_planned(cfg, clock) -> tuple[int, str | None]:
@@ -682,17 +699,14 @@ def members_planned(cfg, clock) -> tuple[int, str | None]:
 
 def grow_or_stop(run, *args) -> int:
     """``grow_ensemble``, and the exit status: a model stopped by a signal says so as the first
-    model does; one that diverged is left out (the models before it are kept)."""
-    from vit.engine import Diverged, Stop
+    model does (a model that diverged is left out, and the models before it kept)."""
+    from vit.engine import Stop
 
     try:
         grow_ensemble(run, *args)
     except Stop:
         log(f"\nStopped by signal; checkpoint saved. Continue with: python train.py --resume {run}")
         return 130
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -707,12 +721,18 @@ def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, 
     if d.world > 1:
         return
     wanted, why = members_planned(cfg, clock)
+    result = run.config().get("result", {})
     started = [p for p in (run / run.MEMBERS).iterdir() if p.name.isdigit()] if (run / run.MEMBERS).is_dir() else []
-    wanted = max(wanted, 1 + max((int(p.name) for p in started), default=0))  # what an earlier start asked for
-    if wanted == 1 or "members_stopped" in run.config().get("result", {}):
+    # what an earlier start of the run planned, or started
+    wanted = max(wanted, result.get("members_planned", 1), 1 + max((int(p.name) for p in started), default=0))
+    if wanted == 1 or "members_stopped" in result:
         return
     if why:
         log(f"Ensemble: {why}")
+    if result.get("members_planned") != wanted:  # before any member starts: a resume keeps the plan
+        run.write_config({**run.config(), "result": {**result, "members_planned": wanted}})
+    if clock is None:  # resumed: the budget has paid for what the finished models took
+        clock = (time.perf_counter() - spent_seconds(run), None, None)
     total = (cfg.time_budget or 0) * 60
     stopped, grown = None, False
     for i in range(1, wanted):
@@ -725,8 +745,7 @@ def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, 
             mcfg = replace(TrainConfig.from_dict(saved["train"], saved=True), device=cfg.device, workers=cfg.workers)
         else:
             shutil.rmtree(member.path, ignore_errors=True)  # one that stopped before its first checkpoint
-            left = total - (time.perf_counter() - clock[0]) if total and clock else total * (wanted - i) / wanted
-            seconds = left / (wanted - i)
+            seconds = (total - (time.perf_counter() - clock[0])) / (wanted - i)
             if total and seconds < 0.5 * total / wanted:
                 log(f"Ensemble: {seconds / 60:.1f} min of the budget left, too little for model {i + 1}; it has {i}")
                 stopped = "budget"
@@ -735,16 +754,16 @@ def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, 
             mcfg = replace(cfg, seed=cfg.seed + 100 * i, time_budget=minutes, members=1)
         try:
             train_member(run, i, wanted, mcfg, run_config, scan, split, device, d, resumed)
-        except Diverged:
+        except Diverged as e:
             shutil.rmtree(member.path, ignore_errors=True)
-            log(f"Ensemble: model {i + 1} diverged and is left out; the run keeps the {i} before it")
-            finish_ensemble(run, cfg, datasets, scan.classes, device, "diverged")
-            raise
+            log(f"Ensemble: model {i + 1} diverged ({e}); it is left out, and the run keeps the {i} before it")
+            stopped = "diverged"
+            break
         grown = True
     if grown or stopped or "members" not in run.config():
         finish_ensemble(run, cfg, datasets, scan.classes, device, stopped)
     n = len(finished_members(run))
-    if why and clock and n > 1 and total - (time.perf_counter() - clock[0]) > 0.1 * total:
+    if why and n > 1 and total - (time.perf_counter() - clock[0]) > 0.1 * total:
         log(
             f"Training used {(time.perf_counter() - clock[0]) / 60:.2f} of its {total / 60:g} min budget: the whole "
             f"schedules of {n} models, the most the recipe trains (each costs the file one more forward pass)"
@@ -802,6 +821,7 @@ def finish_ensemble(run, cfg, datasets, classes: list[str], device, stopped: str
     finished = finished_members(run)
     saved = run.config()
     first = saved["result"].get("first_model", saved["result"])  # finished again: its first model's own result
+    first = {k: v for k, v in first.items() if k not in ("members_planned", "members_stopped")}
     if len(finished) < 2:
         if stopped:
             run.write_config({**saved, "result": {**saved["result"], "members_stopped": stopped}})
@@ -825,6 +845,7 @@ def finish_ensemble(run, cfg, datasets, classes: list[str], device, stopped: str
         first,
         first_model=first,
         members=n,
+        members_planned=saved["result"].get("members_planned", n),
         val_acc=round(scores["accuracy"], 4),
         macro_f1=scores["macro"]["f1"],
         ece=scores["ece"],

@@ -74,10 +74,11 @@ def view_sets(native_px: float) -> dict[str, list[tuple[float, float]]]:
 
 
 def load_run(run: Path):
-    """The run's model (an ensemble's: all its models, logits averaged) and its config."""
+    """The run's own model and its config: an ensemble's first model alone (a kept run of
+    tiny data trains a second one unless --members 1; the members here are trained with it)."""
     from vit.run import RunDir
 
-    return RunDir(run).load_model(), RunDir(run).config()
+    return RunDir(run).load_one(), RunDir(run).config()
 
 
 def test_tensors(root: Path, cfg: dict):

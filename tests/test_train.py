@@ -1109,7 +1109,9 @@ def test_a_budget_the_whole_schedule_leaves_unspent_trains_a_second_model_averag
     run, member = RunDir(out), RunDir(out / "members" / "1")
     config, own = run.config(), member.config()
     assert config["members"] == ["members/1"] and own["train"]["seed"] == 103 and "members" not in own
-    assert own["train"]["time_budget"] < 5 and own["model"] == config["model"]
+    # the rest of the budget: all of it but what the first model took
+    assert own["train"]["time_budget"] == pytest.approx(5 - config["result"]["first_model"]["train_minutes"], abs=0.05)
+    assert own["model"] == config["model"] and config["result"]["members_planned"] == 2
     same = ("train", "val", "test")  # the same images: the scores of the two and of their mean compare
     assert {k: run.split()[k] for k in same} == {k: member.split()[k] for k in same}
     a, b = run.load_one(), member.load_one()
@@ -1194,17 +1196,29 @@ def test_an_ensemble_stopped_in_its_third_model_resumes_exactly(shapes_dir, tmp_
     assert "nothing to resume" in capsys.readouterr().out
 
 
-def test_given_members_share_the_budget_and_are_refused_where_they_cannot_differ(shapes_dir, run_dir, tmp_path, capsys):
+def test_given_members_share_the_budget_and_are_refused_where_they_cannot_differ(
+    shapes_dir, run_dir, tmp_path, capsys, monkeypatch
+):
     """--members N with a time budget: the first model gets an N-th of it, each next one its share
-    of what is left, said at the start. Members start
-    from other seeds: fine-tuning would start every one from the same weights, so it is refused."""
+    of what is left, said at the start. Members start from other seeds: fine-tuning would start
+    every one from the same weights, so it is refused."""
     out = tmp_path / "shared"
     args = ["--data", shapes_dir, "--out", out, "--time-budget", "0.2", "--epochs", "2", "--workers", "0"]
     assert run_train(*args, *TINY_MODEL, "--members", "2") == 0
-    assert "Time budget: 0.2 min, shared by 2 models, 0.1 each" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "Time budget: 0.2 min, shared by 2 models: the first 0.1, the others what is left" in said
+    assert "Time budget 0.1 min: about" in said  # the first model's own
     first = json.loads((out / "config.json").read_text())["result"]["first_model"]["train_minutes"]
     left = json.loads((out / "members" / "1" / "config.json").read_text())["train"]["time_budget"]
-    assert 0 < left <= 0.2 - first + 0.01  # the rest of the budget: the first model ended at its 2 epochs
+    assert 0.2 - first - 0.03 <= left <= 0.2 - first + 0.01  # the rest: the first ended at its 2 epochs
+    # no budget given: the CPU's default is the whole run's, and each model's recipe is for its share
+    from vit import recipe
+
+    monkeypatch.setattr(recipe, "BUDGET_MAX_EPOCHS", 2)  # the recipe's cap, lowered so the test is quick
+    out = tmp_path / "default"
+    assert run_train("--data", shapes_dir, "--out", out, "--workers", "0", *TINY_MODEL, "--members", "2") == 0
+    assert json.loads((out / "config.json").read_text())["train"]["time_budget"] == 8
+    assert "Time budget: 8 min, shared by 2 models: the first 4" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["result"]["members"] == 2
     assert run_train("--data", shapes_dir, "--out", tmp_path / "ft", "--pretrained", run_dir, "--members", "2") == 2
     err = capsys.readouterr().err
