@@ -616,17 +616,16 @@ def learned_little(acc: float, labels, num_classes: int, epochs: int, margin: fl
     )
 
 
-def held_out_test(trainer, test_ds, classes: list[str], run_dir: Path, model=None, title: str = "") -> dict:
-    """The chosen weights (``model``: another, such as the ensemble) on test/, once, after every
-    choice was made; its own report."""
+def held_out_test(trainer, test_ds, classes: list[str], run_dir: Path) -> dict:
+    """The chosen weights on test/, once, after every choice was made; its own report."""
     from torch.utils.data import DataLoader
 
     from vit import report
 
     loader = DataLoader(test_ds, batch_size=64, shuffle=False)
-    probs, labels = trainer.predict(model or trainer.model, loader)
+    probs, labels = trainer.predict(trainer.model, loader)
     scores = report.write_report(
-        run_dir / "test", classes, probs.numpy(), labels.numpy(), test_ds.load, title=title or "Held-out test report"
+        run_dir / "test", classes, probs.numpy(), labels.numpy(), test_ds.load, title="Held-out test report"
     )
     return dict(test_acc=round(scores["accuracy"], 4), test_images=scores["n"], test_macro_f1=scores["macro"]["f1"])
 
