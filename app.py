@@ -229,7 +229,9 @@ def model_facts(clf: Classifier) -> str:
         f"**Classes ({len(i['labels'])}):** {', '.join(i['labels'])}  \n"
         f"**Input:** {i['image_size'][0]}x{i['image_size'][1]} px · **Validation accuracy:** {acc} · "
         f'**"Not sure" below:** {clf.threshold:.0%} · **Precision:** {precision(i["quantization"])} · '
-        f"**Weights:** {clf.metadata.get('initialization', 'not recorded')}  \n"
+        f"**Weights:** {clf.metadata.get('initialization', 'not recorded')}"
+        + (f" · {clf.metadata['models']} models, logits averaged" if clf.metadata.get("models", "1") != "1" else "")
+        + "  \n"
         f"**File:** {clf.path.name}, exported {i.get('exported_at') or '?'}"
         + (
             "  \n**Answered as known** (measured at export): "

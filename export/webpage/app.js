@@ -434,7 +434,7 @@ function about() {
   ];
   if (m.model_config) {
     const c = JSON.parse(m.model_config);
-    rows.push(["Architecture", `ViT: ${c.depth} blocks, width ${c.dim}, ${c.heads} heads, patch ${c.patch_size}, pooling by ${c.pool}${c.mirror_average ? "; each prediction averages the image's and its mirror's logits" : ""}`]);
+    rows.push(["Architecture", `ViT: ${c.depth} blocks, width ${c.dim}, ${c.heads} heads, patch ${c.patch_size}, pooling by ${c.pool}${c.mirror_average ? "; each prediction averages the image's and its mirror's logits" : ""}${parseInt(m.models || "1", 10) > 1 ? `; an ensemble of ${m.models} models, logits averaged` : ""}`]);
   }
   if (m.test_accuracy) rows.push(["Held-out test accuracy", `${pct2(parseFloat(m.test_accuracy))} on ${m.test_images} images never used for any choice`]);
   if (m.val_accuracy) rows.push(["Validation accuracy", `${pct2(parseFloat(m.val_accuracy))} (the split that chose the epoch and the thresholds)`]);
