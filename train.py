@@ -117,10 +117,10 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
     # is the one for a run without a budget (no SAM, which is for long budgets)
     epochs_only = "epochs" in flags and "time_budget" not in flags
     recipe_budget = 0 if epochs_only else args.time_budget  # what the scratch recipe's rules are given
-    whole = None  # given members share the whole budget; the recipe is the one for a share of it
+    shared = None  # given members share the whole budget; the recipe is the one for a share of it
     if (args.members or 1) > 1 and recipe_budget != 0 and not args.pretrained:
-        whole = recipe_budget if recipe_budget is not None else recipe.default_budget(device)
-        recipe_budget = whole / args.members if whole else recipe_budget
+        shared = recipe_budget if recipe_budget is not None else recipe.default_budget(device)
+        recipe_budget = shared / args.members if shared else recipe_budget
     if args.pretrained:
         partial = recipe.finetune_recipe(n_train, preprocessing)
     else:
@@ -156,8 +156,8 @@ def resolve(args, scan, train_items: list, device: str, preprocessing: dict | No
                 f"more. --image-size {near} (patch {p}, {g}x{g}), or --patch-size, chooses otherwise"
             )
     values = {**partial, **flags}
-    if whole and "time_budget" not in flags:
-        values["time_budget"] = whole  # the run's budget is the whole one, which its models share
+    if shared and "time_budget" not in flags:
+        values["time_budget"] = shared  # the run's budget is the whole one, which its models share
     if not args.pretrained and not args.model:
         # the encoder follows the input the run gets: a chosen size or patch may leave the grid
         # the recipe's narrowed model was measured on (vit.recipe.model_for_input)
