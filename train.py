@@ -687,8 +687,13 @@ def members_planned(cfg, clock) -> tuple[int, str | None]:
         return 1, None
     t_start, budget, state = clock
     took = time.perf_counter() - t_start
-    if budget is None or state.total_epochs < budget.max_epochs or budget.seconds - took < MEMBER_MARGIN * took:
+    if budget is None or state.total_epochs < budget.max_epochs:
         return 1, None
+    if budget.seconds - took < MEMBER_MARGIN * took:
+        return 1, (
+            f"one model: the whole schedule took {took / 60:.2f} of the {budget.seconds / 60:g} min budget, and a "
+            f"second one needs {MEMBER_MARGIN:g} times that left"
+        )
     return AUTO_MEMBERS, (
         f"the whole schedule ({state.total_epochs} epochs) took {took / 60:.1f} of the {budget.seconds / 60:g} min "
         "budget, so a second model trains from another seed on the same images in the rest, and the two are "
@@ -724,6 +729,8 @@ def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, 
     started = [p for p in (run / run.MEMBERS).iterdir() if p.name.isdigit()] if (run / run.MEMBERS).is_dir() else []
     # what an earlier start of the run planned, or started
     wanted = max(wanted, result.get("members_planned", 1), 1 + max((int(p.name) for p in started), default=0))
+    if wanted == 1 and why:
+        log(f"Ensemble: {why}")
     if wanted == 1 or "members_stopped" in result:
         return
     if why:

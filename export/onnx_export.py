@@ -460,6 +460,11 @@ def export_run(
     a new one passes its gate: it would describe other weights.
     """
     model, run, weights = load_run(run_dir)
+    if (pending := RunDir(run_dir).pending_member()) is not None:
+        log(
+            f"warning: {pending} is a model of this run's ensemble that has not finished, so this file holds "
+            f"the {len(weights)} that have; python train.py --resume {run_dir} finishes it"
+        )
     prep = Preprocessing.from_dict(run["preprocessing"])
     x, y = split_inputs(run_dir, "val", CALIBRATION_IMAGES, data)
     scorer = fit_ood(model, run_dir, data, x, log) if ood else None
@@ -483,7 +488,9 @@ def export_run(
         log(f"removed the older {twin}: an int8 file must come from this export")
     save_proto(proto, out)
     log(
-        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): "
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB"
+        + (f", {len(weights)} models, logits averaged" if len(weights) > 1 else "")
+        + "): "
         f"max |Δ logits| vs PyTorch {check['max_abs_logit_diff']:.1e} "
         f"on {check['images']} validation images, top-1 agreement {check['top1_agreement']:.0%}"
     )

@@ -92,8 +92,8 @@ class TrainConfig:
     members: int | None = setting(
         "models averaged into the run's one model (their logits), each trained from its own seed on the same split; "
         "1: one. Given, they share the time budget (the first an N-th of it, the next ones what is left). Default, "
-        "from scratch: a second one when the recipe's whole schedule ended with more time left in the budget than it "
-        "took (tiny data; see the README); each member "
+        "from scratch: a second one when the recipe's whole schedule ended with more time left in the budget than 1.1 "
+        "times what it took (tiny data; see the README); each member "
         "costs one more forward pass"
     )
     # ----- preprocessing --------------------------------------------------------------------
