@@ -334,6 +334,11 @@ def new_run(args, device: str, world: int):
         flags = ", ".join("--" + n.replace("_", "-") for n in shape)
         raise DataError(f"{flags}: the pretrained weights fix the architecture; leave these out with --pretrained")
     TrainConfig.from_dict(given(args)).validate()  # before minutes of scanning
+    if args.pretrained and (args.members or 1) > 1:  # before any download
+        raise DataError(
+            "--members: an ensemble's members start from other seeds, which only a run from scratch has; leave "
+            "--members out with --pretrained"
+        )
     run = RunDir(args.out)
     if run.is_resumable():
         raise DataError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")

@@ -1223,3 +1223,12 @@ def test_given_members_share_the_budget_and_are_refused_where_they_cannot_differ
     assert run_train("--data", shapes_dir, "--out", tmp_path / "ft", "--pretrained", run_dir, "--members", "2") == 2
     err = capsys.readouterr().err
     assert "--members" in err and "--pretrained" in err
+    # refused before anything is fetched: a timm name is not downloaded first
+    assert (
+        run_train(
+            "--data", shapes_dir, "--out", tmp_path / "t", "--pretrained", "vit_tiny_patch16_224", "--members", "2"
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--members" in err and "download" not in err
