@@ -731,9 +731,9 @@ def grow_ensemble(run, cfg, run_config: dict, scan, split, datasets, device, d, 
         return
     wanted, why = members_planned(cfg, clock)
     result = run.config().get("result", {})
-    started = [p for p in (run / run.MEMBERS).iterdir() if p.name.isdigit()] if (run / run.MEMBERS).is_dir() else []
+    started = run.started_members()
     # what an earlier start of the run planned, or started
-    wanted = max(wanted, result.get("members_planned", 1), 1 + max((int(p.name) for p in started), default=0))
+    wanted = max(wanted, result.get("members_planned", 1), 1 + max((int(m.path.name) for m in started), default=0))
     if wanted == 1 and why:
         log(f"Ensemble: {why}")
     if wanted == 1 or "members_stopped" in result:

@@ -158,17 +158,16 @@ class RunDir:
         the others once they have finished (a run without that list is one model)."""
         return [self] + [RunDir(self / rel) for rel in self.config().get("members", [])]
 
+    def started_members(self) -> list[RunDir]:
+        """Every member folder the run has started (members/1, members/2 ...), in order."""
+        folder = self / self.MEMBERS
+        numbered = [p for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+        return [RunDir(p) for p in sorted(numbered, key=lambda p: int(p.name))]
+
     def pending_member(self) -> RunDir | None:
         """The first member the run started and did not finish (no result yet): train.py
         --resume continues it, or starts it again if it stopped before its first checkpoint."""
-        folder = self / self.MEMBERS
-        started = (
-            sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-            if folder.is_dir()
-            else []
-        )
-        for p in started:
-            member = RunDir(p)
+        for member in self.started_members():
             if not ((member / self.CONFIG).is_file() and "result" in member.config()):
                 return member
         return None
